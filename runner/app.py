@@ -1,0 +1,201 @@
+"""The composition root: builds every client, sink and the engine, runs the worker, stops cleanly.
+
+Nothing else constructs a Redis client, an aiohttp session or a MongoDB client. Signals:
+SIGTERM and SIGINT stop taking jobs, let runs in flight finish within the grace period, flush
+the execution logs, then exit 0. If the BullMQ loop dies on its own, the process exits 1 so
+that a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from runner.controlplane import ControlPlane
+from runner.credentials import CredentialSource, parse_key
+from runner.definitions import DefinitionStore
+from runner.engine.ports import SystemClock
+from runner.engine.run import Engine
+from runner.http.client import HttpTransport, make_session
+from runner.http.egress import EgressPolicy
+from runner.http.oauth2 import OAuth2TokenManager
+from runner.log import log
+from runner.queue.cancel import CancelWatch
+from runner.queue.keys import Keys
+from runner.queue.worker import QueueWorker, redis_options
+from runner.redact import SECRETS
+from runner.reporting.execlog import ExecutionLog, MongoExecutionLog
+from runner.reporting.stdout_log import StdoutExecutionLog
+from runner.reporting.stream import RedisStatusSink
+from runner.runs import RunService
+from runner.settings import Settings
+
+
+@dataclass
+class Runtime:
+    """What ``build`` made, for ``serve`` to run and close (and for tests to reach into)."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    events_redis: aioredis.Redis
+    session: aiohttp.ClientSession
+    control_session: aiohttp.ClientSession
+    execlog: ExecutionLog
+    cancels: CancelWatch
+    service: RunService
+    worker: QueueWorker
+    definitions: DefinitionStore
+
+    async def close(self) -> None:
+        await self.cancels.stop()
+        await self.execlog.shutdown(5.0)
+        await self.session.close()
+        await self.control_session.close()
+        await self.redis.aclose()
+        await self.events_redis.aclose()
+
+
+async def build(settings: Settings) -> Runtime:
+    process_secrets = tuple(v for v in (settings.control_plane_token, settings.credentials_key) if v)
+    if process_secrets:
+        SECRETS.register(process_secrets)
+    log.configure(level=settings.log_level, scrub=lambda line: SECRETS.redactor().text(line), worker=settings.name)
+    clock = SystemClock()
+    keys = Keys(settings.queue_prefix, settings.queue)
+    opts = redis_options(settings.redis_url, settings.redis_socket_timeout_s)
+    redis = aioredis.Redis(**opts)
+    events_redis = aioredis.Redis(**opts)
+    policy = EgressPolicy.from_setting(settings.egress_allow)
+    session = make_session(policy)
+    control_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    control_plane = (
+        ControlPlane(control_session, settings.control_plane_url, settings.control_plane_token)
+        if settings.control_plane_url
+        else None
+    )
+    key = parse_key(settings.credentials_key) if settings.credentials_key else None
+    tokens = OAuth2TokenManager(
+        session=session,
+        redis=redis,
+        key_prefix=keys.oauth2(),
+        credentials_key=key,
+        control_plane_url=settings.control_plane_url or None,
+        control_plane_token=settings.control_plane_token or None,
+        skew_ms=int(settings.oauth2_skew_s * 1000),
+        now_ms=clock.now_ms,
+    )
+    transport = HttpTransport(
+        session,
+        policy=policy,
+        tokens=tokens,
+        now_ms=clock.now_ms,
+        max_response_bytes=settings.max_response_bytes,
+        follow_redirects=settings.follow_redirects,
+        max_redirects=settings.max_redirects,
+    )
+    execlog: ExecutionLog
+    if settings.mongodb_url:
+        execlog = MongoExecutionLog(
+            settings.mongodb_url,
+            redact=lambda value: SECRETS.redactor().value(value),
+            on_warning=lambda message, context: log.warning("execlog.warning", detail=message, **context),
+        )
+    else:
+        execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().value(value))
+    definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
+    cancels = CancelWatch(events_redis, keys)
+    service = RunService(
+        definitions=definitions,
+        credentials=CredentialSource(control_plane=control_plane, key=key),
+        engine=Engine(transport, clock, step_parallelism=settings.step_parallelism),
+        sink=RedisStatusSink(
+            redis,
+            stream=settings.stream_key,
+            keys=keys,
+            maxlen=settings.status_stream_maxlen,
+            retention_s=settings.checkpoint_retention_s,
+        ),
+        execlog=execlog,
+        clock=clock,
+        redis=redis,
+        keys=keys,
+        cancels=cancels,
+        worker_id=settings.name,
+        max_job_bytes=settings.max_job_bytes,
+        process_secrets=process_secrets,
+    )
+    worker = QueueWorker(settings, service.handle)
+    return Runtime(
+        settings=settings,
+        redis=redis,
+        events_redis=events_redis,
+        session=session,
+        control_session=control_session,
+        execlog=execlog,
+        cancels=cancels,
+        service=service,
+        worker=worker,
+        definitions=definitions,
+    )
+
+
+async def serve(settings: Settings) -> int:
+    runtime = await build(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.redis.ping()
+    except Exception as err:  # noqa: BLE001 - any failure here means we cannot start
+        log.error("redis.unreachable", url=_safe_url(settings.redis_url), error=type(err).__name__)
+        await runtime.close()
+        return 1
+    await runtime.execlog.startup()
+    runtime.cancels.start()
+    await runtime.worker.start()
+    log.info(
+        "runner.started",
+        queue=settings.queue,
+        prefix=settings.queue_prefix,
+        concurrency=settings.concurrency,
+        stream=settings.stream_key,
+    )
+    health = None
+    if settings.health_port:
+        from runner.health import serve_health
+
+        health = await serve_health(settings.health_port, runtime)
+    died = asyncio.ensure_future(runtime.worker.loop_died.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({died, stopping}, return_when="FIRST_COMPLETED")
+    code = 1 if died.done() and not stop.is_set() else 0
+    log.info("runner.stopping", reason="worker loop died" if code else "signal")
+    await runtime.worker.close(settings.shutdown_grace_s)
+    if health is not None:
+        await health.cleanup()
+    for task in (died, stopping):
+        task.cancel()
+    with contextlib.suppress(Exception):
+        await runtime.close()
+    log.info("runner.stopped", exitCode=code)
+    return code
+
+
+def _safe_url(url: str) -> str:
+    from runner.redact import Redactor
+
+    return Redactor().url(url)
+
+
+def run(settings: Settings) -> int:
+    return asyncio.run(serve(settings))
+
+
+__all__ = ["Any", "Runtime", "build", "run", "serve"]

@@ -1,0 +1,114 @@
+"""What the engine is handed: a clock, a transport for HTTP, a reporter, and the run's context.
+
+The engine knows nothing of Redis, aiohttp or MongoDB; the composition root (``runner.app``)
+plugs real implementations in, tests plug in-memory ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from runner.contract import Connection
+from runner.errors import RunnerError
+from runner.http.messages import HttpRequest, HttpResponse
+from runner.retry import RetryDecision
+
+StepStatus = Literal["SUCCESS", "FAILED", "SKIPPED", "CANCELED"]
+RunStatus = Literal["SUCCESS", "FAILED", "CANCELED"]
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+    async def sleep(self, delay_s: float) -> None: ...
+    def random(self) -> float: ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    async def sleep(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+
+    def random(self) -> float:
+        return random.random()
+
+
+class Transport(Protocol):
+    async def send(
+        self,
+        request: HttpRequest,
+        *,
+        connection: Connection | None,
+        tenant_id: str,
+        timeout_s: float,
+    ) -> HttpResponse:
+        """Send with the connection's auth; raise only ``RunnerError``."""
+        ...
+
+
+@dataclass(slots=True)
+class StepResult:
+    key: str
+    status: StepStatus
+    attempts: int = 0
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    output: Any = None
+    error: RunnerError | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        if self.started_ms is None or self.finished_ms is None:
+            return 0
+        return self.finished_ms - self.started_ms
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One HTTP attempt as recorded in job logs, events and execution logs."""
+
+    step_key: str
+    number: int
+    method: str
+    url: str
+    duration_ms: int
+    status: int | None = None
+    error: RunnerError | None = None
+    decision: RetryDecision | None = None
+    possible_duplicate: bool = False
+
+
+class Reporter(Protocol):
+    async def run_started(self, started_ms: int) -> None: ...
+    async def step_running(self, key: str, attempt: int, started_ms: int) -> None: ...
+    async def attempt_done(self, attempt: Attempt) -> None: ...
+    async def step_done(self, result: StepResult, attempt: int) -> None: ...
+    async def run_done(
+        self, status: RunStatus, error: RunnerError | None, steps: dict[str, StepResult]
+    ) -> None: ...
+    def warn(self, message: str, **context: Any) -> None: ...
+
+
+@dataclass(slots=True)
+class RunContext:
+    """Everything a run renders from and is bounded by. ``connections`` and ``secrets`` hold
+    resolved credentials and live only as long as the run."""
+
+    job_id: str
+    run_id: str
+    tenant_id: str
+    version_id: str
+    input: dict[str, Any]
+    started_ms: int
+    deadline_ms: int
+    connections: dict[str, Connection] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)
+    # Outputs of steps finished before this delivery (a resume), by key.
+    restored: dict[str, StepResult] = field(default_factory=dict)
+    cancel: Callable[[], asyncio.Future[str]] | None = None

@@ -1,0 +1,214 @@
+"""Run one workflow: walk the graph, bound it by the deadline, honour a cancel.
+
+A step starts once every step it depends on has finished (SUCCESS, FAILED with ``CONTINUE``,
+or SKIPPED), up to ``step_parallelism`` steps at a time; a plain list is therefore linear.
+
+Endings:
+- a step fails with ``FAIL_RUN``: running siblings are cancelled (CANCELED), steps not started
+  are CANCELED, the run is FAILED with that step's error;
+- the deadline passes: the steps in flight fail with ``WORKFLOW_TIMEOUT``, the rest are
+  CANCELED, the run is FAILED with ``WORKFLOW_TIMEOUT``;
+- a cancel arrives: everything unfinished is CANCELED and so is the run.
+
+Templates see ``steps.<key>.status`` for every finished step and ``steps.<key>.output`` only
+for a step that succeeded, so reading the output of a failed or skipped step is a
+``TEMPLATE_ERROR`` for the step that reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.engine.plan import Plan, StepPlan
+from runner.engine.ports import (
+    Clock,
+    Reporter,
+    RunContext,
+    RunStatus,
+    StepResult,
+    Transport,
+)
+from runner.engine.step import prepare_request, run_attempts, should_run
+from runner.errors import Canceled, RunnerError, WorkflowTimeout
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    status: RunStatus
+    error: RunnerError | None
+    steps: dict[str, StepResult]
+
+
+@dataclass(slots=True)
+class _State:
+    plan: Plan
+    ctx: RunContext
+    reporter: Reporter
+    results: dict[str, StepResult]
+    scope: dict[str, Any]
+    stop: RunnerError | None = None
+    failure: RunnerError | None = None
+    started: dict[str, StepResult] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, transport: Transport, clock: Clock, *, step_parallelism: int = 8) -> None:
+        self.transport = transport
+        self.clock = clock
+        self.step_parallelism = max(1, step_parallelism)
+
+    async def run(self, plan: Plan, ctx: RunContext, reporter: Reporter) -> RunOutcome:
+        results = dict(ctx.restored)
+        steps_scope: dict[str, Any] = {}
+        for key, res in results.items():
+            steps_scope[key] = _scope_entry(res)
+        state = _State(
+            plan=plan,
+            ctx=ctx,
+            reporter=reporter,
+            results=results,
+            scope={
+                "input": ctx.input,
+                "steps": steps_scope,
+                "env": dict(plan.version.env_config.vars),
+                "secrets": ctx.secrets,
+                "run": {"id": ctx.run_id, "tenantId": ctx.tenant_id},
+            },
+        )
+        await reporter.run_started(ctx.started_ms)
+        walk = asyncio.ensure_future(self._walk(state))
+        cancel = ctx.cancel() if ctx.cancel else None
+        try:
+            waiters: set[asyncio.Future[Any]] = {walk}
+            if cancel is not None:
+                waiters.add(cancel)
+            timeout_s = max(0.0, (ctx.deadline_ms - self.clock.now_ms()) / 1000)
+            done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when="FIRST_COMPLETED")
+            if walk not in done:
+                if cancel is not None and cancel in done:
+                    state.stop = Canceled(cancel.result() or "canceled")
+                else:
+                    state.stop = WorkflowTimeout("the run passed its deadline")
+                walk.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await walk
+            elif walk.exception() is not None:
+                raise walk.exception()  # type: ignore[misc]
+        finally:
+            if not walk.done():
+                walk.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await walk
+            if cancel is not None and not cancel.done():
+                cancel.cancel()
+        status: RunStatus
+        if isinstance(state.stop, Canceled):
+            status, error = "CANCELED", state.stop
+        elif state.stop is not None:
+            status, error = "FAILED", state.stop
+        elif state.failure is not None:
+            status, error = "FAILED", state.failure
+        else:
+            status, error = "SUCCESS", None
+        await reporter.run_done(status, error, state.results)
+        return RunOutcome(status, error, state.results)
+
+    async def _walk(self, state: _State) -> None:
+        pending = [sp for sp in state.plan.steps if sp.key not in state.results]
+        running: dict[asyncio.Task[StepResult], StepPlan] = {}
+        try:
+            while pending or running:
+                if state.failure is None:
+                    for sp in list(pending):
+                        if len(running) >= self.step_parallelism:
+                            break
+                        if all(dep in state.results for dep in sp.depends_on):
+                            pending.remove(sp)
+                            running[asyncio.ensure_future(self._step(state, sp))] = sp
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when="FIRST_COMPLETED")
+                for task in done:
+                    sp = running.pop(task)
+                    res = task.result()
+                    self._finish(state, sp, res)
+                    if (
+                        res.status == "FAILED"
+                        and sp.step.on_failure == "FAIL_RUN"
+                        and state.failure is None
+                    ):
+                        state.failure = res.error
+                        await self._cancel_running(state, running)
+        finally:
+            # Reached on success, on a FAIL_RUN failure, and when the run is cancelled or
+            # times out (the CancelledError passes through after the bookkeeping).
+            if running:
+                await self._cancel_running(state, running)
+            for sp in pending:
+                if sp.key not in state.results:
+                    res = StepResult(sp.key, "CANCELED")
+                    state.results[sp.key] = res
+                    await state.reporter.step_done(res, 0)
+
+    async def _cancel_running(
+        self, state: _State, running: dict[asyncio.Task[StepResult], StepPlan]
+    ) -> None:
+        for task in running:
+            task.cancel()
+        outcomes = await asyncio.gather(*running, return_exceptions=True)
+        for sp, res in zip(list(running.values()), outcomes, strict=True):
+            if isinstance(res, StepResult):
+                self._finish(state, sp, res)
+        running.clear()
+
+    def _finish(self, state: _State, sp: StepPlan, res: StepResult) -> None:
+        state.results[sp.key] = res
+        state.scope["steps"][sp.key] = _scope_entry(res)
+
+    async def _step(self, state: _State, sp: StepPlan) -> StepResult:
+        ctx, reporter = state.ctx, state.reporter
+        res = StepResult(sp.key, "FAILED", started_ms=self.clock.now_ms())
+        try:
+            if not should_run(sp, state.scope):
+                res.status = "SKIPPED"
+                res.started_ms = None
+                await reporter.step_done(res, 0)
+                return res
+            request = prepare_request(sp, ctx, state.scope)
+            res.output = await run_attempts(
+                sp,
+                ctx,
+                request,
+                transport=self.transport,
+                reporter=reporter,
+                clock=self.clock,
+                result=res,
+            )
+            res.status = "SUCCESS"
+        except RunnerError as err:
+            res.status, res.error = "FAILED", err
+            if res.attempts == 0:
+                # Failed before any request (template, definition): still one RUNNING event,
+                # so that every started step has one before its terminal state.
+                res.attempts = 1
+                await reporter.step_running(sp.key, 1, res.started_ms or self.clock.now_ms())
+                res.attempts = 0
+        except asyncio.CancelledError:
+            stop = state.stop
+            if isinstance(stop, WorkflowTimeout):
+                res.status, res.error = "FAILED", stop
+            else:
+                res.status, res.error = "CANCELED", stop if isinstance(stop, Canceled) else None
+        res.finished_ms = self.clock.now_ms()
+        await reporter.step_done(res, max(res.attempts, 1) if res.started_ms else 0)
+        return res
+
+
+def _scope_entry(res: StepResult) -> dict[str, Any]:
+    entry: dict[str, Any] = {"status": res.status}
+    if res.status == "SUCCESS":
+        entry["output"] = res.output
+    return entry

@@ -1,0 +1,203 @@
+"""One step: decide ``when``, render its request, run its attempts under the retry policy.
+
+The attempt loop is the only place that sleeps between attempts, and it never starts an
+attempt or a wait that cannot end before the run's deadline: each attempt's timeout is the
+step's ``timeoutMs`` cut down to the time left, and a delay past the deadline fails the step
+with ``WORKFLOW_TIMEOUT`` at once (``runner.retry.decide``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from runner.contract import Connection
+from runner.engine.plan import StepPlan
+from runner.engine.ports import Attempt, Clock, Reporter, RunContext, StepResult, Transport
+from runner.errors import (
+    DefinitionError,
+    ErrorCode,
+    RunnerError,
+    StepHTTPError,
+    TemplateError,
+    WorkflowTimeout,
+)
+from runner.http.messages import HttpRequest, HttpResponse
+from runner.http.request import base_url_for, build_request
+from runner.retry import decide, parse_retry_after_s
+from runner.templating import render, truthy
+
+_decode_json = msgspec.json.Decoder().decode
+_UNSAFE_METHODS = frozenset({"POST", "PATCH"})
+
+
+def idempotency_key(run_id: str, step_key: str) -> str:
+    """CONTRACT §5: the same on every attempt and after a resume."""
+    return f"{run_id}:{step_key}"
+
+
+def should_run(sp: StepPlan, scope: Mapping[str, Any]) -> bool:
+    return sp.when is None or truthy(render(sp.when, scope))
+
+
+def prepare_request(sp: StepPlan, ctx: RunContext, scope: Mapping[str, Any]) -> HttpRequest:
+    """Render the step's input into a request. Raises ``TemplateError`` before any I/O."""
+    connection = _connection_of(sp, ctx)
+    base = connection.config.base_url if connection else None
+    if connection is not None and not base:
+        raise DefinitionError(
+            f"{sp.where}.connectionId: connection '{connection.id}' has no baseUrl"
+        )
+    base_url = base_url_for(sp.action.endpoint_template, base, f"$.actions.{sp.action.id}")
+    extra = {}
+    if sp.action.idempotency_header:
+        extra[sp.action.idempotency_header] = idempotency_key(ctx.run_id, sp.key)
+    try:
+        return build_request(
+            method=sp.action.method,
+            base_url=base_url,
+            endpoint_template=sp.action.endpoint_template,
+            path=_mapping(render(sp.path, scope), f"{sp.where}.input.path"),
+            query=_mapping(render(sp.query, scope), f"{sp.where}.input.query"),
+            header_layers=(
+                _mapping(render(sp.action_headers, scope), f"$.actions.{sp.action.id}"),
+                _mapping(render(sp.headers, scope), f"{sp.where}.input.headers"),
+                extra,
+            ),
+            body=render(sp.body, scope),
+        )
+    except TemplateError as err:
+        if err.message.startswith("$"):
+            raise
+        raise TemplateError(f"{sp.where}.input: {err.message}") from None
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TemplateError(f"{where}: must render to an object")
+    return value
+
+
+def _connection_of(sp: StepPlan, ctx: RunContext) -> Connection | None:
+    cid = sp.step.connection_id
+    if cid is None:
+        return None
+    return ctx.connections.get(cid)
+
+
+def response_output(sp: StepPlan, response: HttpResponse) -> dict[str, Any]:
+    content_type = response.headers.get("content-type", "")
+    body: Any
+    if not response.body:
+        body = None
+    elif "json" in content_type:
+        try:
+            body = _decode_json(response.body)
+        except msgspec.DecodeError:
+            raise StepHTTPError(
+                f"{sp.key}: the response says Content-Type {content_type.split(';')[0]} "
+                "but its body is not valid JSON",
+                status=response.status,
+            ) from None
+    else:
+        body = response.body.decode("utf-8", errors="replace")
+    output: dict[str, Any] = {
+        "status": response.status,
+        "headers": dict(response.headers),
+        "body": body,
+    }
+    for name, path in sp.extract:
+        if path.has_wildcard or path.exists(output):
+            output[name] = path.find(output)
+    return output
+
+
+async def run_attempts(
+    sp: StepPlan,
+    ctx: RunContext,
+    request: HttpRequest,
+    *,
+    transport: Transport,
+    reporter: Reporter,
+    clock: Clock,
+    result: StepResult,
+    first_attempt: int = 1,
+) -> dict[str, Any]:
+    """Attempts until success, a final failure (raised), or the deadline. Fills ``result``."""
+    connection = _connection_of(sp, ctx)
+    attempt = first_attempt
+    may_have_reached_server = False
+    while True:
+        now = clock.now_ms()
+        remaining_ms = ctx.deadline_ms - now
+        if remaining_ms <= 0:
+            raise WorkflowTimeout("the run's deadline passed before the next attempt")
+        cut_by_deadline = remaining_ms < sp.timeout_ms
+        timeout_ms = min(sp.timeout_ms, remaining_ms)
+        await reporter.step_running(sp.key, attempt, result.started_ms or now)
+        result.attempts = attempt
+        record = Attempt(
+            step_key=sp.key,
+            number=attempt,
+            method=request.method,
+            url=request.url,
+            duration_ms=0,
+            possible_duplicate=(
+                may_have_reached_server
+                and sp.action.method in _UNSAFE_METHODS
+                and not sp.action.idempotency_header
+            ),
+        )
+        try:
+            response = await transport.send(
+                request, connection=connection, tenant_id=ctx.tenant_id, timeout_s=timeout_ms / 1000
+            )
+            record.status = response.status
+            if 200 <= response.status < 300:
+                output = response_output(sp, response)
+                record.duration_ms = clock.now_ms() - now
+                await reporter.attempt_done(record)
+                return output
+            raise StepHTTPError(
+                f"{sp.action.method} answered {response.status}",
+                status=response.status,
+                retry_after_s=parse_retry_after_s(
+                    response.headers.get("retry-after"), clock.now_ms()
+                ),
+            )
+        except RunnerError as err:
+            if err.code == ErrorCode.TIMEOUT and cut_by_deadline:
+                err = WorkflowTimeout(f"the run's deadline passed during attempt {attempt}")
+            record.error = err
+            record.duration_ms = clock.now_ms() - now
+            if err.code in (ErrorCode.WORKFLOW_TIMEOUT,):
+                await reporter.attempt_done(record)
+                raise err from None
+            decision = decide(
+                sp.policy,
+                attempt,
+                err,
+                now_ms=clock.now_ms(),
+                deadline_ms=ctx.deadline_ms,
+                random=clock.random,
+            )
+            record.decision = decision
+            await reporter.attempt_done(record)
+            if not decision.retry:
+                if decision.reason == "deadline":
+                    raise WorkflowTimeout(decision.message) from None
+                raise err from None
+            may_have_reached_server = may_have_reached_server or _may_have_reached(err)
+            await clock.sleep(decision.delay_ms / 1000)
+            attempt += 1
+
+
+def _may_have_reached(err: RunnerError) -> bool:
+    # A refused connection cannot have reached the server; a reset or a timeout may have.
+    return err.code in (ErrorCode.TIMEOUT, ErrorCode.HTTP_ERROR) or (
+        err.code == ErrorCode.CONNECTION_ERROR and "refused" not in err.message
+    )

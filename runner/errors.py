@@ -1,0 +1,110 @@
+"""Every error the runner reports, with its wire ``errorCode``.
+
+One root, and the code is data on the error, not a class per code::
+
+    RunnerError(code, message, *, retryable=False, retry_after_s=None, status=None)
+    ├── PayloadError          INVALID_PAYLOAD          job data does not decode
+    ├── DefinitionError       DEFINITION_INVALID | DEFINITION_NOT_FOUND
+    ├── CredentialsError      CREDENTIALS_UNAVAILABLE
+    ├── TemplateError         TEMPLATE_ERROR            found before the request is sent
+    ├── SchemaError           SCHEMA_VALIDATION | INVALID_INPUT
+    ├── AuthError             AUTH_FAILED
+    ├── StepHTTPError         HTTP_ERROR                carries ``status``
+    ├── TransportError        TIMEOUT | CONNECTION_ERROR | RESPONSE_TOO_LARGE | EGRESS_DENIED
+    ├── WorkflowTimeout       WORKFLOW_TIMEOUT
+    └── Canceled              CANCELED
+
+Third-party exceptions (aiohttp, asyncio timeouts, redis) are translated in exactly one place
+per boundary (``runner.http.client``); everything inward sees only these. ``str(error)`` is
+``"<code>: <message>"`` and must never hold a secret: messages are built from names and
+locations, and every message still passes through ``runner.redact`` before it leaves.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    INVALID_PAYLOAD = "INVALID_PAYLOAD"
+    INVALID_INPUT = "INVALID_INPUT"
+    DEFINITION_NOT_FOUND = "DEFINITION_NOT_FOUND"
+    DEFINITION_INVALID = "DEFINITION_INVALID"
+    CREDENTIALS_UNAVAILABLE = "CREDENTIALS_UNAVAILABLE"
+    TEMPLATE_ERROR = "TEMPLATE_ERROR"
+    SCHEMA_VALIDATION = "SCHEMA_VALIDATION"
+    AUTH_FAILED = "AUTH_FAILED"
+    HTTP_ERROR = "HTTP_ERROR"
+    TIMEOUT = "TIMEOUT"
+    CONNECTION_ERROR = "CONNECTION_ERROR"
+    RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
+    EGRESS_DENIED = "EGRESS_DENIED"
+    WORKFLOW_TIMEOUT = "WORKFLOW_TIMEOUT"
+    CANCELED = "CANCELED"
+    INTERNAL = "INTERNAL"
+
+
+class RunnerError(Exception):
+    """The root. ``code`` is the wire errorCode; ``retryable`` and ``retry_after_s`` are hints
+    that the retry policy reads (it never inspects messages)."""
+
+    default_code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code or self.default_code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class PayloadError(RunnerError):
+    default_code = ErrorCode.INVALID_PAYLOAD
+
+
+class DefinitionError(RunnerError):
+    default_code = ErrorCode.DEFINITION_INVALID
+
+
+class CredentialsError(RunnerError):
+    default_code = ErrorCode.CREDENTIALS_UNAVAILABLE
+
+
+class TemplateError(RunnerError):
+    default_code = ErrorCode.TEMPLATE_ERROR
+
+
+class SchemaError(RunnerError):
+    default_code = ErrorCode.SCHEMA_VALIDATION
+
+
+class AuthError(RunnerError):
+    default_code = ErrorCode.AUTH_FAILED
+
+
+class StepHTTPError(RunnerError):
+    default_code = ErrorCode.HTTP_ERROR
+
+
+class TransportError(RunnerError):
+    default_code = ErrorCode.CONNECTION_ERROR
+
+
+class WorkflowTimeout(RunnerError):
+    default_code = ErrorCode.WORKFLOW_TIMEOUT
+
+
+class Canceled(RunnerError):
+    default_code = ErrorCode.CANCELED

@@ -1,0 +1,223 @@
+"""The one aiohttp session of the process, and the transport the engine sends steps through.
+
+This is the only module that sees aiohttp's exceptions: each attempt either returns an
+``HttpResponse`` or raises a ``RunnerError`` (``TIMEOUT``, ``CONNECTION_ERROR``,
+``RESPONSE_TOO_LARGE``, ``EGRESS_DENIED``). Messages name the host, never the URL, so a query
+secret cannot ride along.
+
+- Each attempt is bounded as a whole (connect, send, headers and the body read) by its timeout.
+- Bodies are read as a stream and cut off past ``max_response_bytes``.
+- Redirects are not followed unless enabled; then each hop is checked by the egress policy
+  again and credentials are dropped when the origin changes.
+- The egress policy checks literal IP hosts here and resolved names in the resolver, so that
+  the address connected to is the address checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+import aiohttp
+from yarl import URL
+
+from runner.contract import Connection
+from runner.errors import ErrorCode, RunnerError, TransportError
+from runner.http.auth import build_auth, send_with_auth
+from runner.http.egress import EgressPolicy, GuardedResolver, egress_error
+from runner.http.messages import HttpRequest, HttpResponse
+from runner.http.oauth2 import OAuth2TokenManager
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def make_session(
+    policy: EgressPolicy, *, user_agent: str = "workflow-runner"
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0,  # runs are bounded by the worker's concurrency, not by the pool
+        limit_per_host=0,
+        ttl_dns_cache=10,
+        resolver=GuardedResolver(policy),
+        enable_cleanup_closed=True,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": user_agent},
+        auto_decompress=True,
+        raise_for_status=False,
+        # Timeouts are per attempt (asyncio.timeout below); the session sets none of its own.
+        timeout=aiohttp.ClientTimeout(total=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+class HttpTransport:
+    """The engine's ``Transport``: auth, egress, timeout, size cap, error translation."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        policy: EgressPolicy,
+        tokens: OAuth2TokenManager,
+        now_ms: Callable[[], int],
+        max_response_bytes: int,
+        follow_redirects: bool = False,
+        max_redirects: int = 5,
+    ) -> None:
+        self.session = session
+        self.policy = policy
+        self.tokens = tokens
+        self.now_ms = now_ms
+        self.max_response_bytes = max_response_bytes
+        self.follow_redirects = follow_redirects
+        self.max_redirects = max_redirects
+        self._ssl: dict[str, ssl.SSLContext] = {}
+
+    async def send(
+        self,
+        request: HttpRequest,
+        *,
+        connection: Connection | None,
+        tenant_id: str,
+        timeout_s: float,
+    ) -> HttpResponse:
+        auth = None
+        if connection is not None:
+            auth = build_auth(
+                connection, tokens=self.tokens, tenant_id=tenant_id, now_ms=self.now_ms
+            )
+        ssl_context = self._ssl_for(connection)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await send_with_auth(
+                    auth, request, lambda r: self._send_following(r, ssl_context)
+                )
+        except TimeoutError:
+            raise TransportError(
+                f"no complete response from {_host(request.url)} within {timeout_s:.3g} s",
+                code=ErrorCode.TIMEOUT,
+            ) from None
+
+    async def _send_following(
+        self, request: HttpRequest, ssl_context: ssl.SSLContext | bool
+    ) -> HttpResponse:
+        response = await self._send_once(request, ssl_context)
+        hops = 0
+        while self.follow_redirects and response.status in _REDIRECTS:
+            location = response.headers.get("location")
+            if not location or hops >= self.max_redirects:
+                break
+            hops += 1
+            target = URL(request.url, encoded=True).join(URL(location))
+            if target.scheme not in ("http", "https"):
+                raise TransportError(
+                    f"redirect to a {target.scheme or 'relative'} URL refused",
+                    code=ErrorCode.EGRESS_DENIED,
+                )
+            same_origin = URL(request.url, encoded=True).origin() == target.origin()
+            headers = dict(request.headers)
+            if not same_origin:
+                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
+            method, body = request.method, request.body
+            if response.status == 303 or (
+                response.status in (301, 302) and request.method == "POST"
+            ):
+                method, body = "GET", None
+            request = HttpRequest(
+                method=method,
+                url=str(target.with_query(None).with_fragment(None)),
+                query=tuple(target.query.items()),
+                headers=headers,
+                body=body,
+            )
+            response = await self._send_once(request, ssl_context)
+        return response
+
+    async def _send_once(
+        self, request: HttpRequest, ssl_context: ssl.SSLContext | bool
+    ) -> HttpResponse:
+        url = URL(request.url, encoded=True)
+        if request.query:
+            url = url.with_query(list(request.query))
+        host = url.host or ""
+        self.policy.check_url_host(host)
+        try:
+            async with self.session.request(
+                request.method,
+                url,
+                headers=dict(request.headers),
+                data=request.body,
+                allow_redirects=False,
+                ssl=ssl_context,
+            ) as resp:
+                body = await self._read_capped(resp, host)
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                return HttpResponse(status=resp.status, headers=headers, body=body)
+        except RunnerError:
+            raise
+        except aiohttp.ClientConnectorError as err:
+            denied = egress_error(err)
+            if denied is not None:
+                raise denied from None
+            reason = err.os_error.strerror if err.os_error and err.os_error.strerror else "failed"
+            raise TransportError(
+                f"could not connect to {host}:{url.port}: {reason.lower()}",
+                code=ErrorCode.CONNECTION_ERROR,
+            ) from None
+        except (aiohttp.ClientError, OSError) as err:
+            denied = egress_error(err)
+            if denied is not None:
+                raise denied from None
+            raise TransportError(
+                f"connection to {host} failed: {type(err).__name__}",
+                code=ErrorCode.CONNECTION_ERROR,
+            ) from None
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse, host: str) -> bytes:
+        limit = self.max_response_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise TransportError(
+                f"response from {host} declares {resp.content_length} bytes, over the {limit}-byte limit",
+                code=ErrorCode.RESPONSE_TOO_LARGE,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise TransportError(
+                    f"response from {host} is over the {limit}-byte limit",
+                    code=ErrorCode.RESPONSE_TOO_LARGE,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _ssl_for(self, connection: Connection | None) -> ssl.SSLContext | bool:
+        bundle = connection.config.ca_bundle if connection is not None else None
+        if not bundle:
+            return True  # aiohttp's default: verify against the system store
+        context = self._ssl.get(bundle)
+        if context is None:
+            try:
+                if bundle.lstrip().startswith("-----BEGIN"):
+                    context = ssl.create_default_context(cadata=bundle)
+                else:
+                    context = ssl.create_default_context(cafile=bundle)
+            except (OSError, ssl.SSLError):
+                raise TransportError(
+                    f"connection '{connection.id if connection else ''}': caBundle cannot be loaded",
+                    code=ErrorCode.CONNECTION_ERROR,
+                ) from None
+            self._ssl[bundle] = context
+        return context
+
+
+def _host(url: str) -> str:
+    try:
+        return URL(url, encoded=True).host or "?"
+    except ValueError:
+        return "?"

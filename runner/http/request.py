@@ -1,0 +1,138 @@
+"""Build a step's ``HttpRequest`` from its Action and rendered input. Pure: no I/O, no clock.
+
+- The URL is the connection's ``baseUrl`` joined with the Action's ``endpointTemplate``, or the
+  template itself (absolute) when the step has no connection.
+- ``{name}`` placeholders are filled from ``input.path``, each value percent-encoded as one
+  segment (``/``, ``?``, ``#``, ``%``, ``@``, spaces and non-ASCII all encoded); ``.`` and
+  ``..`` are refused, since they would change the path once normalised.
+- Query values: scalars as text (booleans ``true``/``false``), lists repeat the parameter,
+  ``null`` omits it; objects are refused.
+- Headers: the Action's ``headersTemplate``, then the step's ``input.headers`` (the step wins,
+  names compared case-insensitively). CR or LF in a name or value is refused.
+- Body: JSON, with ``Content-Type: application/json`` unless a header sets one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import msgspec
+
+from runner.errors import DefinitionError, TemplateError
+from runner.http.messages import HttpRequest
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_json_encode = msgspec.json.Encoder().encode
+
+
+def path_params(endpoint_template: str) -> list[str]:
+    return _PLACEHOLDER.findall(endpoint_template)
+
+
+def base_url_for(endpoint_template: str, base_url: str | None, where: str) -> str:
+    """Checked once per definition: the URL prefix a step's endpoint hangs from."""
+    absolute = bool(urlsplit(endpoint_template).scheme)
+    if base_url is None:
+        if not absolute:
+            raise DefinitionError(
+                f"{where}: endpointTemplate '{endpoint_template}' must be an absolute URL "
+                "when the step has no connection"
+            )
+        return ""
+    if absolute:
+        raise DefinitionError(
+            f"{where}: endpointTemplate must be relative to the connection's baseUrl"
+        )
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DefinitionError(f"{where}: baseUrl must be an http(s) URL with a host")
+    if parts.query or parts.fragment:
+        raise DefinitionError(f"{where}: baseUrl may not carry a query or fragment")
+    return base_url.rstrip("/")
+
+
+def encode_segment(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (str, int, float)):
+        text = str(value)
+    else:
+        kind = "null" if value is None else type(value).__name__
+        raise TemplateError(f"path parameter '{name}' must be a string or number, got {kind}")
+    if text in ("", ".", ".."):
+        raise TemplateError(f"path parameter '{name}' may not be empty, '.' or '..'")
+    return quote(text, safe="")
+
+
+def fill_endpoint(endpoint_template: str, path: Mapping[str, Any]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in path:
+            raise TemplateError(f"path parameter '{name}' of '{endpoint_template}' has no value")
+        return encode_segment(name, path[name])
+
+    return _PLACEHOLDER.sub(sub, endpoint_template)
+
+
+def query_pairs(query: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    pairs: list[tuple[str, str]] = []
+    for name, value in query.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is None:
+                continue
+            if isinstance(item, bool):
+                pairs.append((name, "true" if item else "false"))
+            elif isinstance(item, (str, int, float)):
+                pairs.append((name, str(item)))
+            else:
+                raise TemplateError(f"query parameter '{name}' must be scalar or a list of them")
+    return tuple(pairs)
+
+
+def merge_headers(*layers: Mapping[str, Any]) -> dict[str, str]:
+    merged: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            if value is None:
+                continue
+            text = value if isinstance(value, str) else _json_encode(value).decode()
+            if not _HEADER_NAME.match(name):
+                raise TemplateError(f"header name '{name[:40]}' is not a valid token")
+            if "\r" in text or "\n" in text or "\x00" in text:
+                raise TemplateError(f"header '{name}' contains CR, LF or NUL")
+            merged[name.lower()] = (name, text)
+    return dict(merged.values())
+
+
+def build_request(
+    *,
+    method: str,
+    base_url: str,
+    endpoint_template: str,
+    path: Mapping[str, Any],
+    query: Mapping[str, Any],
+    header_layers: Sequence[Mapping[str, Any]],
+    body: Any,
+) -> HttpRequest:
+    """``header_layers`` merge in order, later layers winning (headersTemplate, the step's
+    headers, then the runner's own such as the idempotency key)."""
+    url = (
+        base_url + fill_endpoint(endpoint_template, path)
+        if base_url
+        else fill_endpoint(endpoint_template, path)
+    )
+    merged = merge_headers(*header_layers)
+    payload: bytes | None = None
+    if body is not None:
+        payload = _json_encode(body)
+        if not any(k.lower() == "content-type" for k in merged):
+            merged["Content-Type"] = "application/json"
+    if not any(k.lower() == "accept" for k in merged):
+        merged["Accept"] = "application/json"
+    return HttpRequest(
+        method=method, url=url, query=query_pairs(query), headers=merged, body=payload
+    )

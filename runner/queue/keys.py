@@ -1,0 +1,36 @@
+"""Every Redis key the runner itself names, in one place (BullMQ's own keys are BullMQ's).
+
+All of them hang under the queue's prefix, ``{prefix}:{queue}``, so that a hash-tagged prefix
+(``{bull}``) keeps them in one Redis Cluster slot with the queue. Documented in
+``docs/contract.md`` ("Keys the runner owns").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+    queue: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{self.queue}"
+
+    def run(self, run_id: str) -> str:
+        """Hash: the run's checkpoint (last seq, first start, finished steps)."""
+        return f"{self.base}:run:{run_id}"
+
+    def cancel(self, run_id: str) -> str:
+        """String: a cancel request's reason (CONTRACT §8), set by the control plane."""
+        return f"{self.base}:cancel:{run_id}"
+
+    def events(self) -> str:
+        """BullMQ's event stream of the queue (cancel-job events arrive here)."""
+        return f"{self.base}:events"
+
+    def oauth2(self) -> str:
+        """Prefix of the OAuth2 lease and sealed shared token keys."""
+        return f"{self.base}"

@@ -1,0 +1,172 @@
+"""The BullMQ boundary: a Python ``bullmq`` Worker configured so its known traps cannot bite.
+
+FIELD-NOTES lists them; each has its answer here:
+- redis-py's default 5 s socket timeout is below BullMQ's 10 s blocking read: idle workers
+  picked jobs up late. The connection gets ``socket_timeout`` above the longest block.
+- A ``CancelledError`` (or anything else) escaping the processor ends the worker's loop
+  silently. The processor is wrapped: nothing but ``UnrecoverableError`` (a run that failed by
+  its own logic) or a plain ``Exception`` (an infrastructure failure, which BullMQ may retry
+  under the job's ``attempts``) leaves it.
+- If the loop dies anyway, a watchdog notices ``worker.running`` went false while we were not
+  closing, and the process exits non-zero so that its supervisor restarts it.
+- Bull Board lists workers by client name ``{prefix}:{base64(queue)}:w:{name}`` and shows
+  ``processedBy``, which the stock Python worker does not send: both are set as Node does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+from bullmq import Worker
+from bullmq.custom_errors import UnrecoverableError
+from redis.asyncio.connection import parse_url
+
+from runner.log import log
+from runner.settings import Settings
+
+Handler = Callable[[Any, str], Awaitable[Any]]
+
+
+def redis_options(url: str, socket_timeout_s: float) -> dict[str, Any]:
+    """Connection options for BullMQ's clients from a ``redis://`` URL."""
+    opts: dict[str, Any] = dict(parse_url(url))
+    opts.pop("connection_class", None)
+    opts["socket_timeout"] = socket_timeout_s
+    opts["socket_connect_timeout"] = min(socket_timeout_s, 10.0)
+    opts["socket_keepalive"] = True
+    opts["health_check_interval"] = 15
+    return opts
+
+
+def node_client_name(prefix: str, queue: str, worker_name: str) -> str:
+    """The client name Node BullMQ gives a worker, which Bull Board's Workers tab looks for."""
+    return f"{prefix}:{base64.b64encode(queue.encode()).decode()}:w:{worker_name}"
+
+
+def _with_processed_by(worker: Worker, name: str) -> None:
+    """Make ``moveToActive`` pass the worker's name, so the job hash gets ``processedBy``.
+
+    The Lua script is BullMQ's own and already sets the field when ``opts.name`` is given;
+    only the Python caller leaves it out.
+    """
+    scripts = worker.scripts
+
+    async def move_to_active(token: str, opts: dict[str, Any]) -> list[Any]:
+        keys = scripts.getKeys(
+            ["wait", "active", "prioritized", "events", "stalled", "limiter", "delayed",
+             "paused", "meta", "pc", "marker"]
+        )
+        packed = msgpack.packb(
+            {
+                "token": token,
+                "lockDuration": opts.get("lockDuration", 0),
+                "limiter": opts.get("limiter"),
+                "name": name,
+            },
+            use_bin_type=True,
+        )
+        args = [scripts.keys[""], round(time.time() * 1000), packed]
+        result = await scripts.commands["moveToActive"](keys=keys, args=args)
+        from bullmq.scripts import raw2NextJobData
+
+        return raw2NextJobData(result)  # type: ignore[no-any-return]
+
+    scripts.moveToActive = move_to_active
+
+
+class QueueWorker:
+    """Owns the bullmq Worker: start, the wrapped processor, the watchdog, a clean stop."""
+
+    def __init__(self, settings: Settings, handler: Handler) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.name = settings.name
+        self.worker: Worker | None = None
+        self.closing = False
+        self.loop_died = asyncio.Event()
+        self._run_task: asyncio.Task[Any] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def build(self) -> Worker:
+        s = self.settings
+        worker = Worker(
+            s.queue,
+            self._process,
+            {
+                "connection": redis_options(s.redis_url, s.redis_socket_timeout_s),
+                "prefix": s.queue_prefix,
+                "concurrency": s.concurrency,
+                "autorun": False,
+                "name": self.name,
+                "lockDuration": s.lock_duration_ms,
+                "stalledInterval": s.stalled_interval_ms,
+                "maxStalledCount": s.max_stalled_count,
+                "runRetryDelay": 1000,
+            },
+        )
+        worker.clientName = node_client_name(s.queue_prefix, s.queue, self.name)
+        _with_processed_by(worker, self.name)
+        worker.on("error", self._on_error)
+        self.worker = worker
+        return worker
+
+    async def start(self) -> None:
+        worker = self.worker or self.build()
+        self._run_task = asyncio.ensure_future(worker.run())
+        self._watchdog = asyncio.ensure_future(self._watch())
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None and bool(self.worker.running) and not self.loop_died.is_set()
+
+    async def _watch(self) -> None:
+        assert self.worker is not None
+        while not self.closing:
+            await asyncio.sleep(0.5)
+            task = self._run_task
+            died = task is not None and task.done()
+            if (died or not self.worker.running) and not self.closing:
+                # One grace tick: run() sets running=True only after its first await.
+                await asyncio.sleep(0.5)
+                if self.closing or (self.worker.running and not (task and task.done())):
+                    continue
+                log.error("worker.loop_died", detail="the BullMQ worker loop stopped")
+                self.loop_died.set()
+                return
+
+    async def _process(self, job: Any, token: str) -> Any:
+        try:
+            return await self.handler(job, token)
+        except UnrecoverableError:
+            raise
+        except asyncio.CancelledError:
+            # Never let a cancellation reach the worker loop: it would end it silently.
+            raise RuntimeError("INTERNAL: the run was interrupted") from None
+        except Exception as err:
+            log.error("job.internal_error", jobId=job.id, error=type(err).__name__)
+            raise RuntimeError(f"INTERNAL: {type(err).__name__}") from None
+
+    def _on_error(self, err: Any, *args: Any) -> None:
+        log.warning("worker.error", error=type(err).__name__, detail=str(err)[:300])
+
+    async def close(self, grace_s: float) -> None:
+        """Take no new jobs; let runs in flight finish within ``grace_s``; then force."""
+        self.closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        worker = self.worker
+        if worker is None:
+            return
+        closing = asyncio.ensure_future(worker.close())
+        done, _ = await asyncio.wait({closing}, timeout=grace_s)
+        if not done:
+            log.warning("worker.grace_expired", graceS=grace_s, inFlight=len(worker.jobs))
+            await worker.close(force=True)
+            closing.cancel()
+        if self._run_task is not None:
+            await asyncio.wait({self._run_task}, timeout=5)

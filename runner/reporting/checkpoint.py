@@ -1,0 +1,75 @@
+"""What a run's checkpoint hash says, decoded: the last published ``seq``, the first start, and
+the steps that finished (SUCCESS, FAILED under CONTINUE, SKIPPED), so that a job delivered again
+continues at the first unfinished step and never calls a finished one again.
+
+The hash itself is written by ``runner.reporting.stream`` together with each event; its fields:
+``seq``, ``startedAt``, and ``step:<key>`` holding the step's result as JSON (redacted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import msgspec
+
+from runner.engine.ports import StepResult
+from runner.errors import ErrorCode, RunnerError
+
+# A step CANCELED (by a sibling's failure, a cancel or a shutdown) is not finished: a run that
+# is delivered again runs it.
+_RESUMABLE = frozenset({"SUCCESS", "FAILED", "SKIPPED"})
+
+
+class _Saved(msgspec.Struct, rename="camel"):
+    status: str
+    attempts: int = 0
+    started_at: int | None = None
+    finished_at: int | None = None
+    output: object = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+_decode_saved = msgspec.json.Decoder(_Saved).decode
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    last_seq: int = 0
+    started_ms: int | None = None
+    steps: dict[str, StepResult] = field(default_factory=dict)
+
+
+def parse_checkpoint(raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Checkpoint:
+    cp = Checkpoint()
+    for k, v in raw.items():
+        key = k.decode() if isinstance(k, bytes) else k
+        if key == "seq":
+            cp.last_seq = int(v)
+        elif key == "startedAt":
+            cp.started_ms = int(v)
+        elif key.startswith("step:"):
+            try:
+                saved = _decode_saved(v)
+            except msgspec.DecodeError:
+                continue  # an unreadable entry: the step runs again, which is the safe side
+            if saved.status not in _RESUMABLE:
+                continue
+            error = None
+            if saved.error_code:
+                try:
+                    code = ErrorCode(saved.error_code)
+                except ValueError:
+                    code = ErrorCode.INTERNAL
+                error = RunnerError(saved.error_message or "", code=code)
+            cp.steps[key[5:]] = StepResult(
+                key=key[5:],
+                status=saved.status,  # type: ignore[arg-type]
+                attempts=saved.attempts,
+                started_ms=saved.started_at,
+                finished_ms=saved.finished_at,
+                output=saved.output,
+                error=error,
+            )
+    return cp

@@ -1,0 +1,302 @@
+"""A run's status, told everywhere it is watched (CONTRACT §6-7).
+
+``RunReporter`` is the engine's ``Reporter``. For each transition it writes, in this order:
+1. the status event on the Redis stream, in one transaction with the run's checkpoint (the
+   event's ``seq``, and for a finished step its result), so that a resumed run knows where it
+   stopped and never reuses a ``seq``;
+2. BullMQ job progress (on each finished step) and one ``job.log`` line;
+3. an execution-log line (MongoDB, or the in-memory twin).
+
+Everything passes through the run's redactor before it leaves the process. ``seq`` rises
+strictly within a run: the counter starts above the checkpoint's last published value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from runner.contract import RunEvent, StepEvent
+from runner.engine.ports import Attempt, RunStatus, StepResult
+from runner.errors import RunnerError
+from runner.reporting.execlog import ExecutionLog, LogLine
+
+PREVIEW_LIMIT_BYTES = 16 * 1024
+
+_encode = msgspec.json.Encoder().encode
+
+
+class StatusSink(Protocol):
+    async def publish(
+        self, run_id: str, event: bytes, seq: int, checkpoint: dict[str, bytes] | None
+    ) -> None:
+        """Append the event to the stream and record ``seq`` (and ``checkpoint`` fields) on
+        the run, atomically. Retries through short outages; raises if it cannot."""
+        ...
+
+
+class JobChannel(Protocol):
+    async def progress(self, value: dict[str, Any]) -> None: ...
+    async def log(self, line: str) -> None: ...
+
+
+class Redact(Protocol):
+    def text(self, value: str) -> str: ...
+    def value(self, value: Any) -> Any: ...
+
+
+def preview(output: Any, limit_bytes: int = PREVIEW_LIMIT_BYTES) -> Any:
+    """The output as it may travel in an event: whole when small, else a text preview."""
+    if output is None:
+        return None
+    raw = _encode(output)
+    if len(raw) <= limit_bytes:
+        return output
+    head = raw[: limit_bytes // 2].decode("utf-8", errors="ignore")
+    result: dict[str, Any] = {"preview": head, "sizeBytes": len(raw), "truncated": True}
+    if isinstance(output, dict) and isinstance(output.get("status"), int):
+        result["status"] = output["status"]
+    return result
+
+
+class RunReporter:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        tenant_id: str,
+        version_id: str,
+        job_id: str,
+        worker_id: str,
+        total_steps: int,
+        sink: StatusSink,
+        job: JobChannel,
+        execlog: ExecutionLog,
+        redact: Redact,
+        now_ms: Callable[[], int],
+        last_seq: int = 0,
+        completed_steps: int = 0,
+    ) -> None:
+        self.run_id = run_id
+        self.tenant_id = tenant_id
+        self.version_id = version_id
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.total_steps = total_steps
+        self.sink = sink
+        self.job = job
+        self.execlog = execlog
+        self.redact = redact
+        self.now_ms = now_ms
+        self.seq = last_seq
+        self.completed = completed_steps
+        self.started_ms: int | None = None
+
+    # -- the engine's Reporter ------------------------------------------------------------
+
+    async def run_started(self, started_ms: int) -> None:
+        self.started_ms = started_ms
+        await self._publish(
+            RunEvent(
+                seq=self._next(),
+                workflow_run_id=self.run_id,
+                tenant_id=self.tenant_id,
+                workflow_version_id=self.version_id,
+                job_id=self.job_id,
+                status="RUNNING",
+                at=self.now_ms(),
+                started_at=started_ms,
+            ),
+            {"startedAt": str(started_ms).encode()},
+        )
+        await self.job.log(self._line(f"run RUNNING ({self.total_steps} steps)"))
+        self._exec("info", "run started", {"totalSteps": self.total_steps})
+
+    async def step_running(self, key: str, attempt: int, started_ms: int) -> None:
+        await self._publish(self._step_event(key, "RUNNING", attempt, started_ms=started_ms), None)
+        await self.job.log(self._line(f"{key} RUNNING attempt {attempt}"))
+
+    async def attempt_done(self, attempt: Attempt) -> None:
+        outcome = str(attempt.status) if attempt.status is not None else None
+        if attempt.error is not None:
+            outcome = f"{attempt.error.code}" + (f" {attempt.status}" if attempt.status else "")
+        context: dict[str, Any] = {
+            "method": attempt.method,
+            "url": attempt.url,
+            "status": attempt.status,
+            "error": str(attempt.error) if attempt.error else None,
+            "durationMs": attempt.duration_ms,
+        }
+        if attempt.decision is not None:
+            context["retry"] = attempt.decision.retry
+            context["delayMs"] = attempt.decision.delay_ms
+            context["reason"] = attempt.decision.reason
+        if attempt.possible_duplicate:
+            context["possibleDuplicate"] = True
+            self.warn(
+                f"{attempt.step_key}: attempt {attempt.number} of a {attempt.method} without an "
+                "idempotency key follows one that may have reached the server: possible duplicate",
+                stepKey=attempt.step_key,
+            )
+        if attempt.error is not None:
+            text = f"{attempt.step_key} attempt {attempt.number} failed: {attempt.error}"
+            if attempt.decision is not None:
+                text += f"; {attempt.decision.message}"
+            await self.job.log(self._line(text))
+        self._exec(
+            "info" if attempt.error is None else "warning",
+            f"attempt {attempt.number} {outcome} in {attempt.duration_ms} ms",
+            context,
+            step_key=attempt.step_key,
+            attempt=attempt.number,
+        )
+
+    async def step_done(self, result: StepResult, attempt: int) -> None:
+        if result.status in ("SUCCESS", "FAILED", "SKIPPED", "CANCELED"):
+            self.completed += 1
+        error = result.error
+        event = self._step_event(
+            result.key,
+            result.status,
+            attempt,
+            started_ms=result.started_ms,
+            finished_ms=result.finished_ms,
+            output=preview(result.output) if result.status == "SUCCESS" else None,
+            error=error,
+        )
+        checkpoint = {f"step:{result.key}": _encode(self.redact.value(_checkpoint_of(result)))}
+        await self._publish(event, checkpoint)
+        await self.job.progress(
+            {
+                "progress": round(100 * self.completed / max(self.total_steps, 1)),
+                "stepKey": result.key,
+                "status": result.status,
+                "completedSteps": self.completed,
+                "totalSteps": self.total_steps,
+            }
+        )
+        text = f"{result.key} {result.status}"
+        if result.status in ("SUCCESS", "FAILED"):
+            text += f" after {result.attempts} attempt(s) in {result.duration_ms} ms"
+        if error is not None:
+            text += f": {error}"
+        await self.job.log(self._line(text))
+        self._exec(
+            "error" if result.status == "FAILED" else "info",
+            f"step {result.status}",
+            {"error": str(error) if error else None, "durationMs": result.duration_ms},
+            step_key=result.key,
+            attempt=attempt or None,
+        )
+
+    async def run_done(
+        self, status: RunStatus, error: RunnerError | None, steps: dict[str, StepResult]
+    ) -> None:
+        now = self.now_ms()
+        summary = {k: {"status": s.status, "attempts": s.attempts} for k, s in steps.items()}
+        await self._publish(
+            RunEvent(
+                seq=self._next(),
+                workflow_run_id=self.run_id,
+                tenant_id=self.tenant_id,
+                workflow_version_id=self.version_id,
+                job_id=self.job_id,
+                status=status,
+                at=now,
+                started_at=self.started_ms,
+                finished_at=now,
+                output={"steps": summary},
+                error_code=str(error.code) if error else None,
+                error_message=error.message if error else None,
+            ),
+            None,
+        )
+        text = f"run {status}" + (f": {error}" if error else "")
+        await self.job.log(self._line(text))
+        self._exec("error" if status == "FAILED" else "info", f"run {status}", {"error": str(error) if error else None})
+
+    def warn(self, message: str, **context: Any) -> None:
+        self._exec("warning", message, context, step_key=context.get("stepKey"))
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _step_event(
+        self,
+        key: str,
+        status: Any,
+        attempt: int,
+        *,
+        started_ms: int | None = None,
+        finished_ms: int | None = None,
+        output: Any = None,
+        error: RunnerError | None = None,
+    ) -> StepEvent:
+        return StepEvent(
+            seq=self._next(),
+            workflow_run_id=self.run_id,
+            tenant_id=self.tenant_id,
+            workflow_version_id=self.version_id,
+            job_id=self.job_id,
+            step_key=key,
+            step_run_id=f"{self.run_id}:{key}",
+            status=status,
+            attempt=attempt,
+            at=self.now_ms(),
+            started_at=started_ms,
+            finished_at=finished_ms,
+            output=output,
+            error_code=str(error.code) if error else None,
+            error_message=error.message if error else None,
+        )
+
+    async def _publish(self, event: RunEvent | StepEvent, checkpoint: dict[str, bytes] | None) -> None:
+        data = self.redact.value(msgspec.to_builtins(event))
+        await self.sink.publish(self.run_id, _encode(data), event.seq, checkpoint)
+
+    def _line(self, text: str) -> str:
+        stamp = time.strftime("%H:%M:%S", time.gmtime(self.now_ms() / 1000))
+        return self.redact.text(f"{stamp} {text}")
+
+    def _exec(
+        self,
+        level: Any,
+        message: str,
+        context: dict[str, Any],
+        *,
+        step_key: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        self.execlog.write(
+            LogLine(
+                tenant_id=self.tenant_id,
+                workflow_run_id=self.run_id,
+                job_id=self.job_id,
+                worker_id=self.worker_id,
+                level=level,
+                message=message,
+                context=context,
+                timestamp_ms=self.now_ms(),
+                step_key=step_key,
+                step_run_id=f"{self.run_id}:{step_key}" if step_key else None,
+                attempt=attempt,
+            )
+        )
+
+
+def _checkpoint_of(result: StepResult) -> dict[str, Any]:
+    return {
+        "status": result.status,
+        "attempts": result.attempts,
+        "startedAt": result.started_ms,
+        "finishedAt": result.finished_ms,
+        "output": result.output,
+        "errorCode": str(result.error.code) if result.error else None,
+        "errorMessage": result.error.message if result.error else None,
+    }

@@ -1,0 +1,53 @@
+"""Execution logs on stdout: what the runner does when ``RUNNER_MONGODB_URL`` is unset.
+
+Same interface as the MongoDB sink; each line becomes one JSON line of the process log
+(event ``exec``), redacted and truncated the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.log import log
+from runner.reporting.execlog import DEFAULT_CONTEXT_LIMIT_BYTES, LogLine, Redact, truncate_context
+
+
+class StdoutExecutionLog:
+    def __init__(
+        self, *, context_limit_bytes: int = DEFAULT_CONTEXT_LIMIT_BYTES, redact: Redact | None = None
+    ) -> None:
+        self.context_limit_bytes = context_limit_bytes
+        self.redact = redact
+        self.written = 0
+
+    async def startup(self) -> None:
+        log.info("execlog.stdout", detail="RUNNER_MONGODB_URL is not set: execution logs go to stdout only")
+
+    def write(self, line: LogLine) -> None:
+        context: Any = line.context
+        message = line.message
+        if self.redact is not None:
+            context, message = self.redact(context), self.redact(message)
+        log.event(
+            "exec",
+            # Warnings and errors show at the default level; the rest with RUNNER_LOG_LEVEL=debug.
+            line.level if line.level in ("warning", "error") else "debug",
+            runId=line.workflow_run_id,
+            tenantId=line.tenant_id,
+            stepKey=line.step_key,
+            attempt=line.attempt,
+            lineLevel=line.level,
+            message=message,
+            context=truncate_context(context, self.context_limit_bytes),
+        )
+        self.written += 1
+
+    async def flush(self, timeout_s: float) -> None:
+        return None
+
+    async def shutdown(self, timeout_s: float = 5.0) -> None:
+        return None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": 0, "buffered": 0, "failures": 0}

@@ -1,0 +1,213 @@
+"""One job, one run: the boundary where a BullMQ job becomes a workflow run and back.
+
+``RunService.handle`` decodes the job once, loads the plan and the run's checkpoint, resolves
+credentials, hands the run to the engine, and sorts the outcome into what BullMQ keeps:
+
+- SUCCESS: the returnvalue, a small summary (CONTRACT §6);
+- FAILED or CANCELED by the run's own logic: ``UnrecoverableError("<code>: <message>")``, so
+  BullMQ does not run it again;
+- an infrastructure failure (the control plane or Redis unreachable) with job attempts left: a
+  plain exception, so BullMQ retries the job; the checkpoint makes the retry resume.
+
+Bad job data fails at once with ``INVALID_PAYLOAD`` and the JSON path. Every message that
+leaves passes through the run's redactor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from bullmq.custom_errors import UnrecoverableError
+
+from runner.contract import JOB_NAME, Connection, JobData, decode_job_data
+from runner.credentials import CredentialSource, connections_for_run, secrets_for_run
+from runner.definitions import DefinitionStore
+from runner.engine.plan import Plan
+from runner.engine.ports import Clock, RunContext, StepResult
+from runner.engine.run import Engine, RunOutcome
+from runner.errors import PayloadError, RunnerError
+from runner.http.auth import secret_values, sensitive_names
+from runner.log import log
+from runner.queue.cancel import CancelWatch
+from runner.queue.keys import Keys
+from runner.redact import SECRETS, Redactor
+from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
+from runner.reporting.execlog import ExecutionLog
+from runner.reporting.status import RunReporter, StatusSink
+
+_encode = msgspec.json.Encoder().encode
+
+
+class BullJobChannel:
+    """Progress and log lines of one BullMQ job."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+    async def progress(self, value: dict[str, Any]) -> None:
+        await self.job.updateProgress(value)
+
+    async def log(self, line: str) -> None:
+        await self.job.log(line)
+
+
+@dataclass(slots=True)
+class RunService:
+    definitions: DefinitionStore
+    credentials: CredentialSource
+    engine: Engine
+    sink: StatusSink
+    execlog: ExecutionLog
+    clock: Clock
+    redis: aioredis.Redis
+    keys: Keys
+    cancels: CancelWatch
+    worker_id: str
+    max_job_bytes: int
+    process_secrets: tuple[str, ...] = ()
+
+    async def handle(self, job: Any, token: str) -> dict[str, Any]:
+        data = self.decode(job)
+        checkpoint = parse_checkpoint(await self.redis.hgetall(self.keys.run(data.workflow_run_id)))  # type: ignore[misc]
+        redactor = Redactor(self.process_secrets)
+        reporter = self._reporter(job, data, redactor, checkpoint, total_steps=0)
+        handle = None
+        try:
+            plan = await self.definitions.plan_for(data)
+            reporter.total_steps = len(plan.steps)
+            creds = await self.credentials.resolve(data, plan)
+            connections = connections_for_run(plan, creds)
+            secrets = secrets_for_run(plan, creds)
+            values, names = _secret_material(connections.values(), creds.secrets.values())
+            handle = SECRETS.register(values, names)
+            redactor = Redactor([*values, *self.process_secrets], names)
+            reporter.redact = redactor
+            ctx = self._context(job, data, plan, checkpoint, connections, secrets)
+            reason = await self.cancels.requested(data.workflow_run_id)
+            if reason is not None:
+                outcome = await self._canceled_before_start(plan, reporter, ctx, reason)
+            else:
+                with self.cancels.watch(data.workflow_run_id) as cancel:
+                    ctx.cancel = cancel
+                    outcome = await self.engine.run(plan, ctx, reporter)
+        except RunnerError as err:
+            if err.retryable and _attempts_left(job):
+                log.warning("run.retry_later", runId=data.workflow_run_id, error=redactor.text(str(err)))
+                raise RuntimeError(redactor.text(str(err))) from None
+            if reporter.seq == checkpoint.last_seq:
+                await reporter.run_started(self.clock.now_ms())
+            await reporter.run_done("FAILED", err, {})
+            raise UnrecoverableError(redactor.text(str(err))) from None
+        finally:
+            if handle is not None:
+                SECRETS.unregister(handle)
+        return self._settle(data, outcome, redactor)
+
+    def decode(self, job: Any) -> JobData:
+        try:
+            if job.name != JOB_NAME:
+                raise PayloadError(f"$: job name '{job.name}' is not '{JOB_NAME}'")
+            size = len(_encode(job.data))
+            if size > self.max_job_bytes:
+                raise PayloadError(f"$: job data is {size} bytes, over the {self.max_job_bytes}-byte limit")
+            return decode_job_data(job.data)
+        except PayloadError as err:
+            log.warning("job.invalid", jobId=job.id, error=str(err))
+            raise UnrecoverableError(str(err)) from None
+
+    def _reporter(
+        self, job: Any, data: JobData, redactor: Redactor, checkpoint: Checkpoint, total_steps: int
+    ) -> RunReporter:
+        return RunReporter(
+            run_id=data.workflow_run_id,
+            tenant_id=data.tenant_id,
+            version_id=data.workflow_version_id,
+            job_id=str(job.id),
+            worker_id=self.worker_id,
+            total_steps=total_steps,
+            sink=self.sink,
+            job=BullJobChannel(job),
+            execlog=self.execlog,
+            redact=redactor,
+            now_ms=self.clock.now_ms,
+            last_seq=checkpoint.last_seq,
+            completed_steps=len(checkpoint.steps),
+        )
+
+    def _context(
+        self,
+        job: Any,
+        data: JobData,
+        plan: Plan,
+        checkpoint: Checkpoint,
+        connections: dict[str, Connection],
+        secrets: dict[str, str],
+    ) -> RunContext:
+        started = checkpoint.started_ms or self.clock.now_ms()
+        deadline = data.deadline_at if data.deadline_at is not None else started + plan.version.timeout_ms
+        return RunContext(
+            job_id=str(job.id),
+            run_id=data.workflow_run_id,
+            tenant_id=data.tenant_id,
+            version_id=data.workflow_version_id,
+            input=data.input,
+            started_ms=started,
+            deadline_ms=deadline,
+            connections=connections,
+            secrets=secrets,
+            restored={k: v for k, v in checkpoint.steps.items() if k in plan.by_key},
+        )
+
+    async def _canceled_before_start(
+        self, plan: Plan, reporter: RunReporter, ctx: RunContext, reason: str
+    ) -> RunOutcome:
+        from runner.errors import Canceled
+
+        await reporter.run_started(ctx.started_ms)
+        steps = dict(ctx.restored)
+        for sp in plan.steps:
+            if sp.key not in steps:
+                steps[sp.key] = StepResult(sp.key, "CANCELED")
+                await reporter.step_done(steps[sp.key], 0)
+        error = Canceled(reason)
+        await reporter.run_done("CANCELED", error, steps)
+        return RunOutcome("CANCELED", error, steps)
+
+    def _settle(self, data: JobData, outcome: RunOutcome, redactor: Redactor) -> dict[str, Any]:
+        if outcome.status != "SUCCESS":
+            error = outcome.error
+            text = str(error) if error is not None else f"{outcome.status}: the run did not succeed"
+            raise UnrecoverableError(redactor.text(text))
+        finished = self.clock.now_ms()
+        started = min((s.started_ms for s in outcome.steps.values() if s.started_ms), default=finished)
+        return {
+            "workflowRunId": data.workflow_run_id,
+            "status": outcome.status,
+            "durationMs": finished - started,
+            "steps": {
+                key: {"status": s.status, "attempts": s.attempts, "durationMs": s.duration_ms}
+                for key, s in outcome.steps.items()
+            },
+        }
+
+
+def _secret_material(
+    connections: Any, secret_values_: Any
+) -> tuple[list[str], list[str]]:
+    values: list[str] = [v for v in secret_values_ if isinstance(v, str)]
+    names: list[str] = []
+    for conn in connections:
+        values.extend(secret_values(conn))
+        names.extend(sensitive_names(conn))
+    return values, names
+
+
+def _attempts_left(job: Any) -> bool:
+    return int(job.attemptsMade) + 1 < int((job.opts or {}).get("attempts", 1) or 1)
+
+
+__all__ = ["BullJobChannel", "RunService", "asyncio"]

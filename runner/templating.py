@@ -1,0 +1,284 @@
+"""Templates (``{{ input.x }}``) and JSONPath extraction: compiled once, rendered per run.
+
+Rules (CONTRACT §5):
+- A string that is exactly one ``{{ expr }}`` takes the referenced value with its JSON type.
+- A template inside a longer string is text: strings as they are, other values as compact JSON
+  (``true``, ``null``, ``{"a":1}``).
+- ``\\{{`` writes a literal ``{{``.
+- An expression is a path: a root (``input``, ``steps``, ``env``, ``secrets``, ``run``), then
+  ``.name`` or ``[index]`` segments. Nothing else: no calls, no attribute access, no filters,
+  so a template can reach only the run's context.
+- A reference to a missing value is a ``TemplateError`` that names the template's location
+  and the first missing segment.
+
+JSONPath is the subset a mapping needs: ``$``, ``.name``, ``['name']``, ``[n]``, ``[*]``, ``.*``.
+A path with a wildcard yields a list; one without yields the value, or nothing when missing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import msgspec
+
+from runner.errors import DefinitionError, TemplateError
+
+ROOTS: Final = frozenset({"input", "steps", "env", "secrets", "run"})
+
+_TEMPLATE = re.compile(r"(?<!\\)\{\{\s*(.*?)\s*\}\}")
+_SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_\-]*)|\[(\d+)\]|\.(\d+)")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_MISSING: Final = object()
+_json_encode = msgspec.json.Encoder().encode
+
+Segment: TypeAlias = str | int
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A parsed reference such as ``steps.fetch.output.body.id``."""
+
+    text: str
+    root: str
+    path: tuple[Segment, ...]
+
+    def resolve(self, context: Mapping[str, Any]) -> Any:
+        """The value, or raises ``LookupError`` naming how far it got."""
+        value: Any = context.get(self.root, _MISSING)
+        walked = self.root
+        if value is _MISSING:
+            raise LookupError(f"'{walked}' is not available")
+        for seg in self.path:
+            if isinstance(seg, int):
+                if not isinstance(value, list) or not -len(value) <= seg < len(value):
+                    raise LookupError(f"'{walked}' has no index [{seg}]")
+                value = value[seg]
+                walked += f"[{seg}]"
+            else:
+                if not isinstance(value, dict) or seg not in value:
+                    raise LookupError(f"'{walked}' has no '{seg}'")
+                value = value[seg]
+                walked += f".{seg}"
+        return value
+
+
+def parse_ref(expr: str, where: str) -> Ref:
+    root_match = _IDENT.match(expr)
+    if not root_match or root_match.group(0) not in ROOTS:
+        raise DefinitionError(
+            f"{where}: '{{{{ {expr} }}}}' must start with one of {', '.join(sorted(ROOTS))}"
+        )
+    path: list[Segment] = []
+    pos = root_match.end()
+    while pos < len(expr):
+        m = _SEGMENT.match(expr, pos)
+        if not m:
+            raise DefinitionError(f"{where}: cannot parse '{{{{ {expr} }}}}' at '{expr[pos:]}'")
+        name, index, dotted_index = m.groups()
+        path.append(name if name is not None else int(index or dotted_index))
+        pos = m.end()
+    return Ref(expr, root_match.group(0), tuple(path))
+
+
+# --- compiled values --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    ref: Ref
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    parts: tuple[str | Ref, ...]
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class Obj:
+    items: tuple[tuple[str, Compiled], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Arr:
+    items: tuple[Compiled, ...]
+
+
+Compiled: TypeAlias = Const | Whole | Text | Obj | Arr
+
+
+def compile_value(value: Any, where: str = "$") -> Compiled:
+    """Compile a JSON value whose strings may hold templates. Constant subtrees stay ``Const``
+    so that rendering them costs nothing."""
+    if isinstance(value, str):
+        return _compile_string(value, where)
+    if isinstance(value, dict):
+        items = tuple((k, compile_value(v, f"{where}.{k}")) for k, v in value.items())
+        if all(isinstance(c, Const) for _, c in items):
+            return Const(value)
+        return Obj(items)
+    if isinstance(value, list):
+        arr = tuple(compile_value(v, f"{where}[{i}]") for i, v in enumerate(value))
+        if all(isinstance(c, Const) for c in arr):
+            return Const(value)
+        return Arr(arr)
+    return Const(value)
+
+
+def _compile_string(text: str, where: str) -> Compiled:
+    if "{{" not in text:
+        return Const(text)
+    matches = list(_TEMPLATE.finditer(text))
+    if not matches:
+        return Const(_unescape(text))
+    if len(matches) == 1 and matches[0].span() == (0, len(text)):
+        return Whole(parse_ref(matches[0].group(1), where), where)
+    parts: list[str | Ref] = []
+    pos = 0
+    for m in matches:
+        if m.start() > pos:
+            parts.append(_unescape(text[pos : m.start()]))
+        parts.append(parse_ref(m.group(1), where))
+        pos = m.end()
+    if pos < len(text):
+        parts.append(_unescape(text[pos:]))
+    return Text(tuple(parts), where)
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\{{", "{{")
+
+
+def render(compiled: Compiled, context: Mapping[str, Any]) -> Any:
+    """Render against ``context`` (the run's roots). Raises ``TemplateError``."""
+    if isinstance(compiled, Const):
+        return compiled.value
+    if isinstance(compiled, Whole):
+        return _resolve(compiled.ref, context, compiled.where)
+    if isinstance(compiled, Text):
+        out: list[str] = []
+        for part in compiled.parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                out.append(_as_text(_resolve(part, context, compiled.where)))
+        return "".join(out)
+    if isinstance(compiled, Obj):
+        return {k: render(v, context) for k, v in compiled.items}
+    return [render(v, context) for v in compiled.items]
+
+
+def _resolve(ref: Ref, context: Mapping[str, Any], where: str) -> Any:
+    try:
+        return ref.resolve(context)
+    except LookupError as err:
+        raise TemplateError(
+            f"{where}: '{{{{ {ref.text} }}}}' has no value: {err.args[0]}"
+        ) from None
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return _json_encode(value).decode()
+
+
+def refs_of(compiled: Compiled) -> list[tuple[Ref, str]]:
+    """Every reference in a compiled value with its location (for ``validate``)."""
+    if isinstance(compiled, Whole):
+        return [(compiled.ref, compiled.where)]
+    if isinstance(compiled, Text):
+        return [(p, compiled.where) for p in compiled.parts if isinstance(p, Ref)]
+    if isinstance(compiled, Obj):
+        return [r for _, c in compiled.items for r in refs_of(c)]
+    if isinstance(compiled, Arr):
+        return [r for c in compiled.items for r in refs_of(c)]
+    return []
+
+
+def truthy(value: Any) -> bool:
+    """How a ``when`` value decides: JSON falsiness (false, null, 0, "", [], {}), and the
+    strings "false" and "0", which is what a templated text renders a false value to."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "0")
+    return bool(value)
+
+
+# --- JSONPath ---------------------------------------------------------------------------------
+
+_JP_SEGMENT = re.compile(
+    r"\.(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)"
+    r"|\.(?P<star>\*)"
+    r"|\[(?P<index>-?\d+)\]"
+    r"|\[\*\]"
+    r"|\['(?P<sq>[^']*)'\]"
+    r'|\["(?P<dq>[^"]*)"\]'
+)
+
+_WILDCARD: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class JsonPath:
+    text: str
+    segments: tuple[Any, ...]
+
+    @property
+    def has_wildcard(self) -> bool:
+        return any(seg is _WILDCARD for seg in self.segments)
+
+    def find(self, doc: Any) -> Any:
+        """The value; a list for wildcard paths; ``None`` when the path does not exist."""
+        values = [doc]
+        for seg in self.segments:
+            nxt: list[Any] = []
+            for v in values:
+                if seg is _WILDCARD:
+                    if isinstance(v, dict):
+                        nxt.extend(v.values())
+                    elif isinstance(v, list):
+                        nxt.extend(v)
+                elif isinstance(seg, int):
+                    if isinstance(v, list) and -len(v) <= seg < len(v):
+                        nxt.append(v[seg])
+                elif isinstance(v, dict) and seg in v:
+                    nxt.append(v[seg])
+            values = nxt
+        if self.has_wildcard:
+            return values
+        return values[0] if values else None
+
+    def exists(self, doc: Any) -> bool:
+        return self.has_wildcard or self.find(doc) is not None
+
+
+def compile_jsonpath(text: str, where: str) -> JsonPath:
+    if not text.startswith("$"):
+        raise DefinitionError(f"{where}: JSONPath '{text}' must start with '$'")
+    segments: list[Any] = []
+    pos = 1
+    while pos < len(text):
+        m = _JP_SEGMENT.match(text, pos)
+        if not m:
+            raise DefinitionError(f"{where}: cannot parse JSONPath '{text}' at '{text[pos:]}'")
+        if m.group("name") is not None:
+            segments.append(m.group("name"))
+        elif m.group("index") is not None:
+            segments.append(int(m.group("index")))
+        elif m.group("sq") is not None:
+            segments.append(m.group("sq"))
+        elif m.group("dq") is not None:
+            segments.append(m.group("dq"))
+        else:
+            segments.append(_WILDCARD)
+        pos = m.end()
+    return JsonPath(text, tuple(segments))

@@ -1,0 +1,184 @@
+"""Shared fixtures: real Redis, a runner process, the Node peer, local HTTP servers.
+
+Every test gets its own queue name, so tests never see each other's jobs on the shared Redis
+and nothing is flushed. Integration tests skip nothing: if Redis or Node is missing they fail,
+because the README's test command starts and installs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_PEER = ROOT / "tests" / "node" / "peer.mjs"
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+sys.path.insert(0, str(ROOT / "scripts"))
+
+pytest_plugins = ["tests.mongo_server"]
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def clean_queue(redis: aioredis.Redis, queue_name: str) -> AsyncIterator[str]:
+    yield queue_name
+    keys = [k async for k in redis.scan_iter(match=f"bull:{queue_name}:*", count=1000)]
+    if keys:
+        await redis.delete(*keys)
+
+
+@pytest.fixture
+def credentials_key() -> bytes:
+    return os.urandom(32)
+
+
+async def start_server(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Any]:
+    """``url = await serve(app)``: a real HTTP server on a free loopback port."""
+    runners: list[web.AppRunner] = []
+
+    async def _serve(app: web.Application) -> str:
+        runner, url = await start_server(app)
+        runners.append(runner)
+        return url
+
+    yield _serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+@dataclass
+class RunnerProcess:
+    proc: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stdout().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "<not json>", "line": line})
+        return out
+
+    async def wait_for_event(self, event: str, timeout_s: float = 15) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            for record in self.log_events():
+                if record.get("event") == event:
+                    return record
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"runner never logged {event!r}:\n{self.stdout()}\n{self.stderr()}")
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout_s)
+
+
+@pytest.fixture
+def runner_process(tmp_path: Path, queue_name: str) -> Iterator[Any]:
+    """``proc = await runner_process(**env)``: ``python -m runner`` on this test's queue."""
+    procs: list[RunnerProcess] = []
+
+    async def _start(wait_ready: bool = True, **env: str) -> RunnerProcess:
+        n = len(procs)
+        full_env = {
+            **os.environ,
+            "RUNNER_REDIS_URL": REDIS_URL,
+            "RUNNER_QUEUE": queue_name,
+            "RUNNER_EGRESS_ALLOW": "127.0.0.0/8,::1,localhost",
+            "RUNNER_WORKER_NAME": f"test-runner-{n}",
+            "RUNNER_SHUTDOWN_GRACE_S": "10",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        out, err = tmp_path / f"runner{n}.out", tmp_path / f"runner{n}.err"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out.open("wb"),
+            stderr=err.open("wb"),
+        )
+        rp = RunnerProcess(proc, out, err, full_env)
+        procs.append(rp)
+        if wait_ready:
+            await rp.wait_for_event("runner.started")
+        return rp
+
+    yield _start
+    for rp in procs:
+        if rp.proc.poll() is None:
+            rp.proc.kill()
+            rp.proc.wait()
+
+
+async def node_peer(command: str, spec: dict[str, Any], timeout_s: float = 60) -> dict[str, Any]:
+    """Run the Node peer (BullMQ producer + QueueEvents) and return its JSON report."""
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(NODE_PEER),
+        command,
+        "-",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout_s)
+    assert proc.returncode == 0, f"node peer failed: {err.decode()}"
+    text = out.decode().strip()
+    return json.loads(text.splitlines()[-1]) if text else {}
+
+
+async def read_stream(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
+    entries = await redis.xrange(stream)
+    return [json.loads(fields[b"event"]) for _id, fields in entries]
+
+
+def b64key(key: bytes) -> str:
+    return base64.b64encode(key).decode()

@@ -1,0 +1,97 @@
+// A Node control plane's side of the queue, as the integration tests drive it.
+//
+//   node peer.mjs run SPEC.json     add jobs with Node BullMQ, follow them with QueueEvents until
+//                                   each one completes or fails, then print one JSON report:
+//                                   {events: [...], jobs: {id: {state, returnvalue, failedReason,
+//                                   progress, logs, processedBy}}}
+//   node peer.mjs add SPEC.json     add the jobs and print their ids
+//   node peer.mjs cancel SPEC.json  set the cancel key and publish a cancel-job event (CONTRACT §8)
+//
+// SPEC: {redis: "redis://...", prefix, queue, timeoutMs, jobs: [{name, data, opts}],
+//        runId, reason}
+import { readFileSync } from 'node:fs';
+import { Queue, QueueEvents, QueueEventsProducer } from 'bullmq';
+import IORedis from 'ioredis';
+
+const [command, specPath] = process.argv.slice(2);
+const spec = JSON.parse(readFileSync(specPath === '-' ? 0 : specPath, 'utf8'));
+const connection = () => new IORedis(spec.redis ?? 'redis://127.0.0.1:6379/0', { maxRetriesPerRequest: null });
+const prefix = spec.prefix ?? 'bull';
+const queueName = spec.queue ?? 'workflow-runs';
+
+async function add(queue) {
+  const ids = [];
+  for (const job of spec.jobs ?? []) {
+    const added = await queue.add(job.name ?? 'workflow_run', job.data, job.opts ?? {});
+    ids.push(added.id);
+  }
+  return ids;
+}
+
+async function run() {
+  const queue = new Queue(queueName, { connection: connection(), prefix });
+  const events = new QueueEvents(queueName, { connection: connection(), prefix });
+  await events.waitUntilReady();
+  const seen = [];
+  const pending = new Set();
+  let resolveAll;
+  const allDone = new Promise((resolve) => { resolveAll = resolve; });
+  const finish = (jobId) => {
+    pending.delete(jobId);
+    if (pending.size === 0) resolveAll();
+  };
+  events.on('progress', ({ jobId, data }) => seen.push({ event: 'progress', jobId, data }));
+  events.on('completed', ({ jobId, returnvalue }) => {
+    seen.push({ event: 'completed', jobId, returnvalue });
+    finish(jobId);
+  });
+  events.on('failed', ({ jobId, failedReason }) => {
+    seen.push({ event: 'failed', jobId, failedReason });
+    finish(jobId);
+  });
+  const ids = await add(queue);
+  ids.forEach((id) => pending.add(id));
+  const timer = setTimeout(() => resolveAll(), spec.timeoutMs ?? 30000);
+  await allDone;
+  clearTimeout(timer);
+  const jobs = {};
+  for (const id of ids) {
+    const job = await queue.getJob(id);
+    const { logs } = await queue.getJobLogs(id);
+    jobs[id] = {
+      state: job ? await job.getState() : 'missing',
+      returnvalue: job?.returnvalue ?? null,
+      failedReason: job?.failedReason ?? null,
+      progress: job?.progress ?? null,
+      processedBy: job?.processedBy ?? null,
+      attemptsMade: job?.attemptsMade ?? null,
+      logs,
+    };
+  }
+  process.stdout.write(JSON.stringify({ ids, unfinished: [...pending], events: seen, jobs }) + '\n');
+  await events.close();
+  await queue.close();
+}
+
+async function cancel() {
+  const redis = connection();
+  await redis.set(`${prefix}:${queueName}:cancel:${spec.runId}`, spec.reason ?? 'canceled', 'EX', 86400);
+  const producer = new QueueEventsProducer(queueName, { connection: redis, prefix });
+  await producer.publishEvent({ eventName: 'cancel-job', jobId: spec.runId, reason: spec.reason ?? 'canceled' }, 10000);
+  await producer.close();
+  await redis.quit();
+}
+
+try {
+  if (command === 'run') await run();
+  else if (command === 'add') {
+    const queue = new Queue(queueName, { connection: connection(), prefix });
+    process.stdout.write(JSON.stringify({ ids: await add(queue) }) + '\n');
+    await queue.close();
+  } else if (command === 'cancel') await cancel();
+  else throw new Error(`unknown command ${command}`);
+  process.exit(0);
+} catch (err) {
+  process.stderr.write(`${err.stack ?? err}\n`);
+  process.exit(1);
+}
