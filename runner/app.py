@@ -128,6 +128,7 @@ async def build(settings: Settings) -> Runtime:
         cancels=cancels,
         worker_id=settings.name,
         max_job_bytes=settings.max_job_bytes,
+        long_wait_ms=int(settings.long_wait_s * 1000),
         process_secrets=process_secrets,
     )
     worker = QueueWorker(settings, service.handle)
@@ -177,7 +178,9 @@ async def serve(settings: Settings) -> int:
     await asyncio.wait({died, stopping}, return_when="FIRST_COMPLETED")
     code = 1 if died.done() and not stop.is_set() else 0
     log.info("runner.stopping", reason="worker loop died" if code else "signal")
-    await runtime.worker.close(settings.shutdown_grace_s)
+    await runtime.worker.close(
+        settings.shutdown_grace_s, lambda: runtime.service.hand_back_all("worker shutting down")
+    )
     if health is not None:
         await health.cleanup()
     for task in (died, stopping):

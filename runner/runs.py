@@ -16,12 +16,12 @@ leaves passes through the run's redactor.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from bullmq.custom_errors import UnrecoverableError
+from bullmq.custom_errors import DelayedError, UnrecoverableError
 
 from runner.contract import JOB_NAME, Connection, JobData, decode_job_data
 from runner.credentials import CredentialSource, connections_for_run, secrets_for_run
@@ -68,7 +68,18 @@ class RunService:
     cancels: CancelWatch
     worker_id: str
     max_job_bytes: int
+    long_wait_ms: int = 30_000
     process_secrets: tuple[str, ...] = ()
+    _hand_backs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
+
+    def hand_back_all(self, reason: str) -> int:
+        """Ask every run in flight to stop and go back to the queue (shutdown past its grace)."""
+        count = 0
+        for future in self._hand_backs.values():
+            if not future.done():
+                future.set_result(reason)
+                count += 1
+        return count
 
     async def handle(self, job: Any, token: str) -> dict[str, Any]:
         data = self.decode(job)
@@ -91,9 +102,17 @@ class RunService:
             if reason is not None:
                 outcome = await self._canceled_before_start(plan, reporter, ctx, reason)
             else:
-                with self.cancels.watch(data.workflow_run_id) as cancel:
-                    ctx.cancel = cancel
-                    outcome = await self.engine.run(plan, ctx, reporter)
+                hand_back = asyncio.get_running_loop().create_future()
+                self._hand_backs[data.workflow_run_id] = hand_back
+                try:
+                    with self.cancels.watch(data.workflow_run_id) as cancel:
+                        ctx.cancel = cancel
+                        ctx.hand_back = lambda: hand_back
+                        outcome = await self.engine.run(plan, ctx, reporter)
+                finally:
+                    self._hand_backs.pop(data.workflow_run_id, None)
+            if outcome.status == "DEFERRED":
+                await self._defer(job, token, data, outcome)
         except RunnerError as err:
             if err.retryable and _attempts_left(job):
                 log.warning("run.retry_later", runId=data.workflow_run_id, error=redactor.text(str(err)))
@@ -106,6 +125,23 @@ class RunService:
             if handle is not None:
                 SECRETS.unregister(handle)
         return self._settle(data, outcome, redactor)
+
+    async def _defer(self, job: Any, token: str, data: JobData, outcome: RunOutcome) -> None:
+        """Checkpoint where each deferred step continues, then give the job back to BullMQ as
+        delayed (not failed, not completed): it comes due at the earliest time a deferred step
+        may run, and a later delivery resumes there."""
+        resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
+        if resume:
+            await self.redis.hset(self.keys.run(data.workflow_run_id), mapping=resume)  # type: ignore[misc]
+        resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
+        await job.moveToDelayed(resume_at, token)
+        log.info(
+            "run.handed_back",
+            runId=data.workflow_run_id,
+            resumeInMs=resume_at - self.clock.now_ms(),
+            steps=sorted(outcome.deferred),
+        )
+        raise DelayedError()
 
     def decode(self, job: Any) -> JobData:
         try:
@@ -160,6 +196,8 @@ class RunService:
             connections=connections,
             secrets=secrets,
             restored={k: v for k, v in checkpoint.steps.items() if k in plan.by_key},
+            resume_attempts=checkpoint.resume_attempts,
+            long_wait_ms=self.long_wait_ms,
         )
 
     async def _canceled_before_start(

@@ -66,6 +66,9 @@ class Settings:
     shutdown_grace_s: float = _setting(
         "RUNNER_SHUTDOWN_GRACE_S", 30.0, "on SIGTERM, how long in-flight runs may finish"
     )
+    long_wait_s: float = _setting(
+        "RUNNER_LONG_WAIT_S", 30.0, "a retry wait longer than this hands the job back as delayed"
+    )
     lock_duration_ms: int = _setting(
         "RUNNER_LOCK_DURATION_MS", 30_000, "BullMQ job lock; renewed at half of it"
     )

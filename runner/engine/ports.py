@@ -18,8 +18,20 @@ from runner.errors import RunnerError
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.retry import RetryDecision
 
-StepStatus = Literal["SUCCESS", "FAILED", "SKIPPED", "CANCELED"]
-RunStatus = Literal["SUCCESS", "FAILED", "CANCELED"]
+# DEFERRED is internal: the step (or run) stopped to continue on a later delivery of its job
+# (a long wait handed back to BullMQ, or a shutdown); it is never reported as a final state.
+StepStatus = Literal["SUCCESS", "FAILED", "SKIPPED", "CANCELED", "DEFERRED"]
+RunStatus = Literal["SUCCESS", "FAILED", "CANCELED", "DEFERRED"]
+
+
+class Deferral(Exception):
+    """A step's next attempt is too far away to hold the job's slot: hand the job back to
+    BullMQ as delayed and continue at ``next_attempt`` once ``resume_at_ms`` comes."""
+
+    def __init__(self, resume_at_ms: int, next_attempt: int) -> None:
+        super().__init__(f"resume at {resume_at_ms} with attempt {next_attempt}")
+        self.resume_at_ms = resume_at_ms
+        self.next_attempt = next_attempt
 
 
 class Clock(Protocol):
@@ -61,6 +73,9 @@ class StepResult:
     finished_ms: int | None = None
     output: Any = None
     error: RunnerError | None = None
+    # When DEFERRED: the attempt to start with, and when.
+    next_attempt: int = 1
+    resume_at_ms: int = 0
 
     @property
     def duration_ms(self) -> int:
@@ -111,4 +126,10 @@ class RunContext:
     secrets: dict[str, str] = field(default_factory=dict)
     # Outputs of steps finished before this delivery (a resume), by key.
     restored: dict[str, StepResult] = field(default_factory=dict)
+    # Steps deferred by an earlier delivery: the attempt each continues with.
+    resume_attempts: dict[str, int] = field(default_factory=dict)
     cancel: Callable[[], asyncio.Future[str]] | None = None
+    # Resolves when the process must give the run back (shutdown after the grace period).
+    hand_back: Callable[[], asyncio.Future[str]] | None = None
+    # A wait longer than this is not slept in the slot: the job is handed back as delayed.
+    long_wait_ms: int = 30_000

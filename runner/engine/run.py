@@ -8,7 +8,12 @@ Endings:
   are CANCELED, the run is FAILED with that step's error;
 - the deadline passes: the steps in flight fail with ``WORKFLOW_TIMEOUT``, the rest are
   CANCELED, the run is FAILED with ``WORKFLOW_TIMEOUT``;
-- a cancel arrives: everything unfinished is CANCELED and so is the run.
+- a cancel arrives: everything unfinished is CANCELED and so is the run;
+- a step's next attempt is further away than ``long_wait_ms``, or the process must give the
+  run back (``hand_back``, a shutdown past its grace period): no new step starts, steps in
+  flight finish (or, on hand-back, are interrupted and will be sent again), and the outcome is
+  DEFERRED with nothing final reported: the job goes back to BullMQ and a later delivery
+  continues from the checkpoint.
 
 Templates see ``steps.<key>.status`` for every finished step and ``steps.<key>.output`` only
 for a step that succeeded, so reading the output of a failed or skipped step is a
@@ -25,6 +30,7 @@ from typing import Any
 from runner.engine.plan import Plan, StepPlan
 from runner.engine.ports import (
     Clock,
+    Deferral,
     Reporter,
     RunContext,
     RunStatus,
@@ -40,6 +46,16 @@ class RunOutcome:
     status: RunStatus
     error: RunnerError | None
     steps: dict[str, StepResult]
+    # DEFERRED: the steps to continue, each with its next attempt and when it may start.
+    deferred: dict[str, StepResult] = field(default_factory=dict)
+
+    @property
+    def resume_at_ms(self) -> int:
+        return max((r.resume_at_ms for r in self.deferred.values()), default=0)
+
+
+class HandBack(RunnerError):
+    """Why a run stopped without ending: the process gives it back to the queue."""
 
 
 @dataclass(slots=True)
@@ -51,7 +67,11 @@ class _State:
     scope: dict[str, Any]
     stop: RunnerError | None = None
     failure: RunnerError | None = None
-    started: dict[str, StepResult] = field(default_factory=dict)
+    deferred: dict[str, StepResult] = field(default_factory=dict)
+
+    @property
+    def handing_back(self) -> bool:
+        return bool(self.deferred) or isinstance(self.stop, HandBack)
 
 
 class Engine:
@@ -81,15 +101,20 @@ class Engine:
         await reporter.run_started(ctx.started_ms)
         walk = asyncio.ensure_future(self._walk(state))
         cancel = ctx.cancel() if ctx.cancel else None
+        hand_back = ctx.hand_back() if ctx.hand_back else None
         try:
             waiters: set[asyncio.Future[Any]] = {walk}
             if cancel is not None:
                 waiters.add(cancel)
+            if hand_back is not None:
+                waiters.add(hand_back)
             timeout_s = max(0.0, (ctx.deadline_ms - self.clock.now_ms()) / 1000)
             done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when="FIRST_COMPLETED")
             if walk not in done:
                 if cancel is not None and cancel in done:
                     state.stop = Canceled(cancel.result() or "canceled")
+                elif hand_back is not None and hand_back in done:
+                    state.stop = HandBack(hand_back.result() or "handed back")
                 else:
                     state.stop = WorkflowTimeout("the run passed its deadline")
                 walk.cancel()
@@ -102,9 +127,12 @@ class Engine:
                 walk.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await walk
-            if cancel is not None and not cancel.done():
-                cancel.cancel()
+            for future in (cancel, hand_back):
+                if future is not None and not future.done():
+                    future.cancel()
         status: RunStatus
+        if state.handing_back:
+            return RunOutcome("DEFERRED", None, state.results, state.deferred)
         if isinstance(state.stop, Canceled):
             status, error = "CANCELED", state.stop
         elif state.stop is not None:
@@ -121,7 +149,7 @@ class Engine:
         running: dict[asyncio.Task[StepResult], StepPlan] = {}
         try:
             while pending or running:
-                if state.failure is None:
+                if state.failure is None and not state.deferred:
                     for sp in list(pending):
                         if len(running) >= self.step_parallelism:
                             break
@@ -134,6 +162,9 @@ class Engine:
                 for task in done:
                     sp = running.pop(task)
                     res = task.result()
+                    if res.status == "DEFERRED":
+                        state.deferred[sp.key] = res
+                        continue
                     self._finish(state, sp, res)
                     if (
                         res.status == "FAILED"
@@ -148,7 +179,7 @@ class Engine:
             if running:
                 await self._cancel_running(state, running)
             for sp in pending:
-                if sp.key not in state.results:
+                if sp.key not in state.results and not state.handing_back:
                     res = StepResult(sp.key, "CANCELED")
                     state.results[sp.key] = res
                     await state.reporter.step_done(res, 0)
@@ -161,7 +192,10 @@ class Engine:
         outcomes = await asyncio.gather(*running, return_exceptions=True)
         for sp, res in zip(list(running.values()), outcomes, strict=True):
             if isinstance(res, StepResult):
-                self._finish(state, sp, res)
+                if res.status == "DEFERRED":
+                    state.deferred[sp.key] = res
+                else:
+                    self._finish(state, sp, res)
         running.clear()
 
     def _finish(self, state: _State, sp: StepPlan, res: StepResult) -> None:
@@ -186,8 +220,13 @@ class Engine:
                 reporter=reporter,
                 clock=self.clock,
                 result=res,
+                first_attempt=ctx.resume_attempts.get(sp.key, 1),
             )
             res.status = "SUCCESS"
+        except Deferral as deferral:
+            res.status = "DEFERRED"
+            res.next_attempt, res.resume_at_ms = deferral.next_attempt, deferral.resume_at_ms
+            return res
         except RunnerError as err:
             res.status, res.error = "FAILED", err
             if res.attempts == 0:
@@ -198,6 +237,12 @@ class Engine:
                 res.attempts = 0
         except asyncio.CancelledError:
             stop = state.stop
+            if isinstance(stop, HandBack):
+                # Interrupted in flight: the same attempt is sent again on the next delivery,
+                # with the same idempotency key.
+                res.status, res.next_attempt = "DEFERRED", max(res.attempts, 1)
+                res.resume_at_ms = self.clock.now_ms()
+                return res
             if isinstance(stop, WorkflowTimeout):
                 res.status, res.error = "FAILED", stop
             else:

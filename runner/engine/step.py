@@ -15,7 +15,15 @@ import msgspec
 
 from runner.contract import Connection
 from runner.engine.plan import StepPlan
-from runner.engine.ports import Attempt, Clock, Reporter, RunContext, StepResult, Transport
+from runner.engine.ports import (
+    Attempt,
+    Clock,
+    Deferral,
+    Reporter,
+    RunContext,
+    StepResult,
+    Transport,
+)
 from runner.errors import (
     DefinitionError,
     ErrorCode,
@@ -192,6 +200,8 @@ async def run_attempts(
                     raise WorkflowTimeout(decision.message) from None
                 raise err from None
             may_have_reached_server = may_have_reached_server or _may_have_reached(err)
+            if decision.delay_ms > ctx.long_wait_ms:
+                raise Deferral(clock.now_ms() + decision.delay_ms, attempt + 1) from None
             await clock.sleep(decision.delay_ms / 1000)
             attempt += 1
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 from bullmq import Worker
-from bullmq.custom_errors import UnrecoverableError
+from bullmq.custom_errors import DelayedError, UnrecoverableError
 from redis.asyncio.connection import parse_url
 
 from runner.log import log
@@ -142,7 +142,7 @@ class QueueWorker:
     async def _process(self, job: Any, token: str) -> Any:
         try:
             return await self.handler(job, token)
-        except UnrecoverableError:
+        except (UnrecoverableError, DelayedError):
             raise
         except asyncio.CancelledError:
             # Never let a cancellation reach the worker loop: it would end it silently.
@@ -154,8 +154,13 @@ class QueueWorker:
     def _on_error(self, err: Any, *args: Any) -> None:
         log.warning("worker.error", error=type(err).__name__, detail=str(err)[:300])
 
-    async def close(self, grace_s: float) -> None:
-        """Take no new jobs; let runs in flight finish within ``grace_s``; then force."""
+    async def close(
+        self, grace_s: float, on_grace_expired: Callable[[], int] | None = None
+    ) -> None:
+        """Take no new jobs; let runs in flight finish within ``grace_s``. Past it, ask the
+        runs to hand themselves back to the queue (``on_grace_expired``) so they continue on
+        another worker at once instead of waiting for the stalled check; force only what
+        still does not stop."""
         self.closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -164,8 +169,12 @@ class QueueWorker:
             return
         closing = asyncio.ensure_future(worker.close())
         done, _ = await asyncio.wait({closing}, timeout=grace_s)
+        if not done and on_grace_expired is not None:
+            count = on_grace_expired()
+            log.warning("worker.grace_expired", graceS=grace_s, handedBack=count)
+            done, _ = await asyncio.wait({closing}, timeout=10)
         if not done:
-            log.warning("worker.grace_expired", graceS=grace_s, inFlight=len(worker.jobs))
+            log.warning("worker.force_close", inFlight=len(worker.jobs))
             await worker.close(force=True)
             closing.cancel()
         if self._run_task is not None:

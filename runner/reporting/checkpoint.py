@@ -3,7 +3,9 @@ the steps that finished (SUCCESS, FAILED under CONTINUE, SKIPPED), so that a job
 continues at the first unfinished step and never calls a finished one again.
 
 The hash itself is written by ``runner.reporting.stream`` together with each event; its fields:
-``seq``, ``startedAt``, and ``step:<key>`` holding the step's result as JSON (redacted).
+``seq``, ``startedAt``, ``step:<key>`` holding the step's result as JSON (redacted), and
+``resume:<key>``, the attempt a deferred step continues at (written when the job is handed
+back to BullMQ).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Checkpoint:
     last_seq: int = 0
     started_ms: int | None = None
     steps: dict[str, StepResult] = field(default_factory=dict)
+    # Steps that an earlier delivery deferred, with the attempt each continues at.
+    resume_attempts: dict[str, int] = field(default_factory=dict)
 
 
 def parse_checkpoint(raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Checkpoint:
@@ -49,6 +53,8 @@ def parse_checkpoint(raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Checkp
             cp.last_seq = int(v)
         elif key == "startedAt":
             cp.started_ms = int(v)
+        elif key.startswith("resume:"):
+            cp.resume_attempts[key[7:]] = int(v)
         elif key.startswith("step:"):
             try:
                 saved = _decode_saved(v)

@@ -6,6 +6,7 @@
 //                                   progress, logs, processedBy}}}
 //   node peer.mjs add SPEC.json     add the jobs and print their ids
 //   node peer.mjs cancel SPEC.json  set the cancel key and publish a cancel-job event (CONTRACT §8)
+//   node peer.mjs promote SPEC.json promote delayed jobs (spec.jobIds) as an operator would
 //
 // SPEC: {redis: "redis://...", prefix, queue, timeoutMs, jobs: [{name, data, opts}],
 //        runId, reason}
@@ -89,6 +90,11 @@ try {
     process.stdout.write(JSON.stringify({ ids: await add(queue) }) + '\n');
     await queue.close();
   } else if (command === 'cancel') await cancel();
+  else if (command === 'promote') {
+    const queue = new Queue(queueName, { connection: connection(), prefix });
+    for (const id of spec.jobIds) await (await queue.getJob(id)).promote();
+    await queue.close();
+  }
   else throw new Error(`unknown command ${command}`);
   process.exit(0);
 } catch (err) {
