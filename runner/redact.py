@@ -1,0 +1,328 @@
+"""The one place secrets are removed from anything the runner writes out.
+
+A ``Redactor`` is built from the secret values resolved for a run and the sensitive names
+(API-key header or query parameter, custom auth headers). It masks:
+
+- every secret value, also in the forms it takes on the way out: JSON-escaped, percent-encoded
+  (the variants urllib and yarl produce, upper- and lower-case hex) and base64 (standard and
+  URL-safe, aligned at any byte offset, so a password inside ``base64("user:pass")`` is found
+  whatever the username);
+- the value of the ``Authorization``, ``Proxy-Authorization``, ``Cookie`` and ``Set-Cookie``
+  headers, of the OAuth2 token parameters, and of every sensitive name, wherever it appears as a
+  header, a query/form parameter, a ``"name": "value"`` pair or a dict key;
+- userinfo in URLs (``https://user:pass@host`` becomes ``https://[REDACTED]@host``).
+
+Short secrets (fewer than ``MIN_SUBSTRING_LEN`` = 4 characters) are a deliberate special case.
+Masking every occurrence of ``"ab"`` inside other words would mangle every log line and, worse,
+act as an oracle: the pattern of masked letters would spell out the secret. They are therefore
+masked wherever they stand as a token of their own (not touching a letter or digit on either side:
+``"pw": "ab"``, ``?k=ab``, ``ab`` alone, a dict value equal to it), and never inside longer words.
+Their headers, parameters and dict keys are masked by name as usual.
+
+Overlapping matches are resolved leftmost, then longest; all variants of all secrets are one
+compiled regex built as a prefix tree, so ``text()`` costs one scan per line however many secrets
+are registered.
+
+``SECRETS`` is the process-wide registry: each run registers its secrets for as long as it is in
+flight, and the stdout logger and the exception hook use ``SECRETS.redactor()``, which sees the
+secrets of every run (and every refreshed OAuth2 token) in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
+
+REDACTED = "[REDACTED]"
+MIN_SUBSTRING_LEN = 4
+# A base64 run shorter than this is too likely to occur by chance inside unrelated base64.
+_MIN_B64_CORE_LEN = 4
+
+DEFAULT_SENSITIVE_NAMES: frozenset[str] = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "client_secret",
+    }
+)
+
+# Percent-encoding safe sets seen in practice: urllib's defaults, yarl's query and path.
+_QUOTE_SAFE_SETS = ("", "/", "/:@!$&'()*+,;=")
+_QUOTE_PLUS_SAFE_SETS = ("", "/?:@!$'()*,")
+_HEX_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+_AUTH_SCHEME = r"(?:(?:Bearer|Basic|Digest|Token|Negotiate|NTLM|Bot)\s+)?"
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,31}://)[^/\s?#@]*(?:@[^/\s?#@]*)*@")
+_NEVER = re.compile(r"(?!)")
+
+
+def _b64_variants(raw: bytes) -> set[str]:
+    """The full encodings plus, for each byte offset 0-2, the characters that depend only on
+    ``raw``: what shows up when ``raw`` sits inside a longer base64-encoded string."""
+    out: set[str] = set()
+    for enc in (base64.b64encode, base64.urlsafe_b64encode):
+        full = enc(raw).decode("ascii")
+        out.add(full)
+        out.add(full.rstrip("="))
+        for offset in range(3):
+            encoded = enc(b"\x00" * offset + raw).decode("ascii")
+            start = -(-8 * offset // 6)
+            end = (8 * (offset + len(raw))) // 6
+            core = encoded[start:end]
+            if len(core) >= _MIN_B64_CORE_LEN:
+                out.add(core)
+    return out
+
+
+def _url_variants(value: str) -> set[str]:
+    out: set[str] = set()
+    for safe in _QUOTE_SAFE_SETS:
+        out.add(quote(value, safe=safe))
+    for safe in _QUOTE_PLUS_SAFE_SETS:
+        out.add(quote_plus(value, safe=safe))
+    out |= {_HEX_ESCAPE.sub(lambda m: m.group().lower(), v) for v in out}
+    return out
+
+
+def secret_variants(value: str) -> set[str]:
+    """Every form in which ``value`` is looked for."""
+    out = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    out |= _url_variants(value)
+    out |= _b64_variants(value.encode("utf-8"))
+    out.discard("")
+    return out
+
+
+def _trie_pattern(words: Iterable[str]) -> str:
+    """A regex matching any of ``words``, longest first at a position, as a prefix tree so the
+    regex engine tests one branch per character instead of one per word."""
+    ordered = sorted(set(words))
+
+    def emit(lo: int, hi: int, offset: int) -> str:
+        # ordered[lo:hi] share ordered[lo][:offset]; sorted, so a shorter word comes first.
+        first, last = ordered[lo], ordered[hi - 1]
+        common = offset
+        limit = min(len(first), len(last))
+        while common < limit and first[common] == last[common]:
+            common += 1
+        literal = re.escape(first[offset:common])
+        optional = len(first) == common
+        if optional:
+            lo += 1
+        if lo == hi:
+            return literal
+        branches = []
+        start = lo
+        while start < hi:
+            char = ordered[start][common]
+            end = start + 1
+            while end < hi and ordered[end][common] == char:
+                end += 1
+            branches.append(emit(start, end, common))
+            start = end
+        rest = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if optional:
+            return f"{literal}(?:{rest})?"
+        return literal + rest
+
+    if not ordered:
+        return "(?!)"
+    return emit(0, len(ordered), 0)
+
+
+class Redactor:
+    """Masks a fixed set of secrets and sensitive names. Immutable; build one per run, or use
+    ``SECRETS.redactor()`` for everything in flight in the process."""
+
+    __slots__ = ("_names", "_names_probe", "_names_re", "_secrets", "_secrets_re")
+
+    def __init__(self, secrets: Iterable[str] = (), sensitive_names: Iterable[str] = ()) -> None:
+        self._secrets: frozenset[str] = frozenset(s for s in secrets if s)
+        self._names: frozenset[str] = DEFAULT_SENSITIVE_NAMES | {
+            n.lower() for n in sensitive_names if n
+        }
+        self._secrets_re = self._compile_secrets(self._secrets)
+        self._names_re = self._compile_names(self._names)
+        # re.IGNORECASE defeats the regex engine's literal-prefix scan (8x slower on a typical
+        # line), so a case-sensitive probe over the lower-cased line decides whether to run it.
+        self._names_probe = re.compile(_trie_pattern(self._names))
+
+    @staticmethod
+    def _compile_secrets(secrets: frozenset[str]) -> re.Pattern[str]:
+        long_words: set[str] = set()
+        short_words: set[str] = set()
+        for secret in secrets:
+            for variant in secret_variants(secret):
+                if len(variant) >= MIN_SUBSTRING_LEN and len(secret) >= MIN_SUBSTRING_LEN:
+                    long_words.add(variant)
+                else:
+                    short_words.add(variant)
+        parts = []
+        if long_words:
+            parts.append(_trie_pattern(long_words))
+        if short_words:
+            parts.append(r"(?<![A-Za-z0-9])(?:" + _trie_pattern(short_words) + r")(?![A-Za-z0-9])")
+        if not parts:
+            return _NEVER
+        return re.compile("|".join(parts))
+
+    @staticmethod
+    def _compile_names(names: frozenset[str]) -> re.Pattern[str]:
+        alt = _trie_pattern(names)
+        return re.compile(
+            # "name": "value" / 'name': 'value' (JSON, Python reprs of dicts and multidicts)
+            r"(?P<q1>[\"'])(?:" + alt + r")(?P=q1)\s*[:=,]\s*(?P<q2>[\"'])"
+            r"(?P<qv>(?:\\.|(?!(?P=q2))[^\\])*)(?P=q2)"
+            # name: value to the end of the line (an HTTP header as text)
+            r"|(?<![\w\-])(?:" + alt + r")[ \t]*:[ \t]*(?P<hv>(?![\"'])[^\r\n]+)"
+            # name=value in a query string, a form body or key=value logging
+            r"|(?<![^?&;\s])(?:" + alt + r")=(?P<pv>" + _AUTH_SCHEME + r"[^&#\s'\"<>]*)",
+            re.IGNORECASE,
+        )
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        return self._secrets
+
+    @property
+    def sensitive_names(self) -> frozenset[str]:
+        return self._names
+
+    def extended(
+        self, secrets: Iterable[str] = (), sensitive_names: Iterable[str] = ()
+    ) -> Redactor:
+        """A redactor that also masks ``secrets`` and ``sensitive_names``."""
+        return Redactor(self._secrets | set(secrets), self._names | set(sensitive_names))
+
+    def is_sensitive_name(self, name: str) -> bool:
+        return name.lower() in self._names
+
+    def text(self, s: str) -> str:
+        s = self._secrets_re.sub(REDACTED, s)
+        if self._names_probe.search(s.lower()):
+            s = self._names_re.sub(_mask_named_value, s)
+        if "@" in s and "://" in s:
+            s = _USERINFO.sub(r"\1" + REDACTED + "@", s)
+        return s
+
+    def url(self, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return self.text(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = REDACTED + "@" + netloc.rpartition("@")[2]
+        query = "&".join(self._query_pair(pair) for pair in parts.query.split("&"))
+        rebuilt = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return self.text(rebuilt)
+
+    def _query_pair(self, pair: str) -> str:
+        name, sep, _ = pair.partition("=")
+        if sep and self.is_sensitive_name(unquote_plus(name)):
+            return f"{name}={REDACTED}"
+        return pair
+
+    def headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Header values masked by name, and every other value scrubbed of secrets; repeated
+        names (``Set-Cookie``) are joined rather than lost."""
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        out: dict[str, str] = {}
+        for name, value in pairs:
+            masked = REDACTED if self.is_sensitive_name(name) else self.text(str(value))
+            out[name] = f"{out[name]}, {masked}" if name in out else masked
+        return out
+
+    def value(self, obj: Any) -> Any:
+        """A deep copy of JSON-like data with secrets masked in strings (keys included) and the
+        value of every sensitive key replaced."""
+        if isinstance(obj, str):
+            return REDACTED if obj in self._secrets else self.text(obj)
+        if isinstance(obj, Mapping):
+            out: dict[Any, Any] = {}
+            for key, item in obj.items():
+                if isinstance(key, str):
+                    out[self.text(key)] = (
+                        REDACTED if self.is_sensitive_name(key) else self.value(item)
+                    )
+                else:
+                    out[key] = self.value(item)
+            return out
+        if isinstance(obj, list):
+            return [self.value(item) for item in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.value(item) for item in obj)
+        if isinstance(obj, int | float) and not isinstance(obj, bool) and str(obj) in self._secrets:
+            return REDACTED
+        return obj
+
+    def exception_text(self, exc: BaseException, *, with_traceback: bool = False) -> str:
+        if with_traceback:
+            return self.text("".join(traceback.format_exception(exc)))
+        return self.text(f"{type(exc).__name__}: {exc}")
+
+
+def _mask_named_value(match: re.Match[str]) -> str:
+    group = next(g for g in ("qv", "hv", "pv") if match.group(g) is not None)
+    start, end = match.span(group)
+    whole_start = match.start()
+    text = match.group(0)
+    return text[: start - whole_start] + REDACTED + text[end - whole_start :]
+
+
+class SecretRegistry:
+    """Secrets of every run in flight in this process. Thread-safe: the logger may run anywhere.
+    The combined ``Redactor`` is rebuilt lazily, only after the set changed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._next_handle = 0
+        self._cached: Redactor | None = Redactor()
+
+    def register(self, values: Iterable[str], sensitive_names: Iterable[str] = ()) -> int:
+        entry = (tuple(v for v in values if v), tuple(sensitive_names))
+        with self._lock:
+            self._next_handle += 1
+            self._entries[self._next_handle] = entry
+            self._cached = None
+            return self._next_handle
+
+    def unregister(self, handle: int) -> None:
+        with self._lock:
+            if self._entries.pop(handle, None) is not None:
+                self._cached = None
+
+    def redactor(self) -> Redactor:
+        with self._lock:
+            if self._cached is None:
+                secrets: set[str] = set()
+                names: set[str] = set()
+                for values, entry_names in self._entries.values():
+                    secrets.update(values)
+                    names.update(entry_names)
+                self._cached = Redactor(secrets, names)
+            return self._cached
+
+
+SECRETS = SecretRegistry()
+
+
+def redact_exception_text(
+    exc: BaseException, *, redactor: Redactor | None = None, with_traceback: bool = False
+) -> str:
+    """``"<Type>: <message>"`` (or the formatted traceback) of any exception, with every secret
+    in flight, URL userinfo, sensitive query parameters and sensitive headers masked: aiohttp's
+    ``ClientResponseError`` and ``InvalidURL`` put the full URL (and, in ``repr``, the request
+    headers) into their text."""
+    return (redactor or SECRETS.redactor()).exception_text(exc, with_traceback=with_traceback)

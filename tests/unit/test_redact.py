@@ -1,0 +1,305 @@
+"""The redactor: secrets in every form they leave in, sensitive names, URLs, exceptions and
+the process-wide registry. No sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from urllib.parse import quote, quote_plus
+
+import aiohttp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from runner.redact import (
+    MIN_SUBSTRING_LEN,
+    REDACTED,
+    SECRETS,
+    Redactor,
+    SecretRegistry,
+    redact_exception_text,
+)
+
+PASSWORD = "s3cr3t P@ss/wörd+&="
+API_KEY = "k_live_9f8e7d6c5b4a"
+REDACTOR = Redactor([PASSWORD, API_KEY, "alice", f"alice:{PASSWORD}"], ["X-API-Key", "apikey"])
+
+
+def test_plain_secret_is_masked_wherever_it_appears() -> None:
+    out = REDACTOR.text(f"calling with key={API_KEY}; body {{'p': '{PASSWORD}'}}")
+
+    assert API_KEY not in out and PASSWORD not in out
+    assert out.count(REDACTED) == 2
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        quote(PASSWORD, safe=""),
+        quote(PASSWORD),
+        quote_plus(PASSWORD),
+        re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(PASSWORD, safe="")),
+        str(URL("https://h/p").with_query({"q": PASSWORD})).split("q=")[1],  # yarl's quoting
+        json.dumps(PASSWORD)[1:-1],
+        json.dumps(PASSWORD, ensure_ascii=False)[1:-1],
+    ],
+)
+def test_encoded_secret_is_masked(encoded: str) -> None:
+    out = REDACTOR.text(f"GET https://api.example/x?q={encoded}&page=2")
+
+    assert encoded not in out
+    assert out.endswith("&page=2")
+
+
+@pytest.mark.parametrize(
+    "encoder", [base64.b64encode, base64.urlsafe_b64encode], ids=["std", "urlsafe"]
+)
+def test_base64_of_a_secret_and_of_the_basic_pair_are_masked(encoder: object) -> None:
+    assert callable(encoder)
+    alone = encoder(API_KEY.encode()).decode()
+    pair = encoder(f"alice:{PASSWORD}".encode()).decode()
+
+    out = REDACTOR.text(f"{alone} Authorization-ish Basic {pair}")
+
+    assert alone not in out and pair not in out
+
+
+@pytest.mark.parametrize("username", ["bob", "bo", "b", "robert", "someone-else@corp"])
+def test_password_inside_base64_is_masked_whatever_the_username(username: str) -> None:
+    # The password's characters in base64 depend on its byte offset; every offset is covered.
+    redactor = Redactor([PASSWORD])
+    header = base64.b64encode(f"{username}:{PASSWORD}".encode()).decode()
+
+    out = redactor.text(f"basic={header}")
+
+    assert out.count(REDACTED) == 1
+    visible = out.replace(REDACTED, "").removeprefix("basic=").rstrip("=")
+    # Left visible: the username's characters and at most one character on each side of the
+    # mask that mixes bits of the password with its neighbours (at most 4 of its bits).
+    assert len(visible) <= -(-(len(username) + 1) * 4 // 3) + 2
+
+
+def test_userinfo_is_removed_from_urls_in_text_and_in_url() -> None:
+    text = "fetch https://bob:hunter2@api.example:8443/v1?x=1 failed"
+
+    assert REDACTOR.text(text) == f"fetch https://{REDACTED}@api.example:8443/v1?x=1 failed"
+    assert REDACTOR.url("https://bob@api.example/v1") == f"https://{REDACTED}@api.example/v1"
+
+
+def test_api_key_query_parameter_is_masked_by_name_case_insensitively() -> None:
+    url = "https://api.example/v1/things?page=2&ApiKey=unregistered-value&b=3"
+
+    assert REDACTOR.url(url) == f"https://api.example/v1/things?page=2&ApiKey={REDACTED}&b=3"
+    assert "unregistered-value" not in REDACTOR.text(f"GET {url}")
+
+
+def test_oauth_parameters_in_a_form_body_are_masked() -> None:
+    body = "grant_type=refresh_token&refresh_token=rt-unknown&client_secret=cs-unknown&scope=a"
+
+    out = Redactor().text(body)
+
+    assert out == (
+        f"grant_type=refresh_token&refresh_token={REDACTED}&client_secret={REDACTED}&scope=a"
+    )
+
+
+def test_headers_are_masked_by_name_case_insensitively_and_other_values_scrubbed() -> None:
+    headers = {
+        "authorization": "Bearer opaque",
+        "Proxy-Authorization": "Basic xyz",
+        "COOKIE": "sid=1",
+        "Set-Cookie": "sid=2",
+        "x-api-key": "unregistered",
+        "X-Echo": f"you sent {API_KEY}",
+        "Accept": "application/json",
+    }
+
+    out = REDACTOR.headers(headers)
+
+    assert out == {
+        "authorization": REDACTED,
+        "Proxy-Authorization": REDACTED,
+        "COOKIE": REDACTED,
+        "Set-Cookie": REDACTED,
+        "x-api-key": REDACTED,
+        "X-Echo": f"you sent {REDACTED}",
+        "Accept": "application/json",
+    }
+
+
+def test_repeated_headers_are_kept_and_masked() -> None:
+    multi = CIMultiDict([("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Vary", "x")])
+
+    assert REDACTOR.headers(multi) == {"Set-Cookie": f"{REDACTED}, {REDACTED}", "Vary": "x"}
+
+
+def test_header_text_and_reprs_are_masked() -> None:
+    text = (
+        "Authorization: Bearer eyJunregistered\n"
+        "{'Cookie': 'sid=abc', 'Accept': '*/*'}\n"
+        '{"set-cookie": "x=1", "ok": "yes"}\n'
+        "[('Proxy-Authorization', 'Basic Zm9v')]"
+    )
+
+    out = Redactor().text(text).splitlines()
+
+    assert out == [
+        f"Authorization: {REDACTED}",
+        f"{{'Cookie': '{REDACTED}', 'Accept': '*/*'}}",
+        f'{{"set-cookie": "{REDACTED}", "ok": "yes"}}',
+        f"[('Proxy-Authorization', '{REDACTED}')]",
+    ]
+
+
+def test_value_is_deep_and_masks_sensitive_keys() -> None:
+    data = {
+        "status": 200,
+        "headers": {"Set-Cookie": ["a", "b"], "X-Api-Key": "zzz", "Content-Type": "json"},
+        "body": {"items": [{"token": API_KEY}, (PASSWORD, 3)], API_KEY: True},
+        "n": 1.5,
+    }
+
+    out = REDACTOR.value(data)
+
+    assert out == {
+        "status": 200,
+        "headers": {"Set-Cookie": REDACTED, "X-Api-Key": REDACTED, "Content-Type": "json"},
+        "body": {"items": [{"token": REDACTED}, (REDACTED, 3)], REDACTED: True},
+        "n": 1.5,
+    }
+    assert data["headers"]["X-Api-Key"] == "zzz"  # a copy, the input is untouched
+
+
+def test_numeric_secret_is_masked_in_data_even_as_a_number() -> None:
+    assert Redactor(["987654"]).value({"pin": 987654, "ok": 987653}) == {
+        "pin": REDACTED,
+        "ok": 987653,
+    }
+
+
+def test_short_secrets_are_masked_as_tokens_never_inside_words() -> None:
+    # Documented choice: a 1-3 character secret is masked where it stands alone; masking it
+    # inside words would wreck every line and reveal the secret by the pattern of masks.
+    assert MIN_SUBSTRING_LEN == 4
+    redactor = Redactor(["ab", "7"])
+
+    out = redactor.text('{"pw": "ab", "table": "ab-tests", "n": 7, "id": 17} ?k=ab&x=1')
+
+    assert out == (
+        f'{{"pw": "{REDACTED}", "table": "{REDACTED}-tests", "n": {REDACTED}, "id": 17}}'
+        f" ?k={REDACTED}&x=1"
+    )
+    assert redactor.value({"pw": "ab", "note": "table"}) == {"pw": REDACTED, "note": "table"}
+    assert redactor.text(base64.b64encode(b"ab").decode()) == REDACTED
+
+
+def test_overlapping_secrets_mask_the_longest_at_a_position() -> None:
+    redactor = Redactor(["abcd", "abcdefgh"])
+
+    assert redactor.text("xabcdefghy") == f"x{REDACTED}y"
+
+
+def test_text_is_idempotent_and_leaves_clean_text_alone() -> None:
+    line = "2024-01-01 INFO step fetch attempt=1 status=200 url=https://api.example/v1?page=2"
+
+    assert REDACTOR.text(line) == line
+    once = REDACTOR.text(f"{API_KEY} Authorization: Bearer x")
+    assert REDACTOR.text(once) == once
+
+
+def test_empty_redactor_masks_only_names_and_userinfo() -> None:
+    assert Redactor().text("plain words") == "plain words"
+    assert Redactor().extended(["newtoken"]).text("got newtoken") == f"got {REDACTED}"
+
+
+@given(
+    secret=st.text(min_size=MIN_SUBSTRING_LEN, max_size=40).filter(lambda s: s.strip()),
+    before=st.text(max_size=20),
+    after=st.text(max_size=20),
+)
+def test_a_long_secret_never_survives_in_any_surrounding_text(
+    secret: str, before: str, after: str
+) -> None:
+    redactor = Redactor([secret])
+
+    assert secret not in redactor.text(before + secret + after)
+    assert quote(secret, safe="") not in redactor.url(f"https://h/p?q={quote(secret, safe='')}")
+
+
+# --- exceptions ------------------------------------------------------------------------------
+
+
+def response_error(url: str, headers: dict[str, str]) -> aiohttp.ClientResponseError:
+    info = aiohttp.RequestInfo(
+        url=URL(url),
+        method="GET",
+        headers=CIMultiDictProxy(CIMultiDict(headers)),
+        real_url=URL(url),
+    )
+    return aiohttp.ClientResponseError(info, (), status=500, message="Internal Server Error")
+
+
+def test_client_response_error_text_and_repr_are_redacted() -> None:
+    exc = response_error(
+        f"https://bob:hunter2@api.example/v1?apikey={API_KEY}&page=2",
+        {"Authorization": "Bearer unregistered-token", "X-API-Key": API_KEY},
+    )
+
+    text = redact_exception_text(exc, redactor=REDACTOR)
+    as_repr = REDACTOR.text(repr(exc))
+
+    assert text.startswith("ClientResponseError: 500, message='Internal Server Error'")
+    for leaked in (API_KEY, "hunter2", "unregistered-token"):
+        assert leaked not in text and leaked not in as_repr
+    assert "page=2" in text
+
+
+def test_invalid_url_error_is_redacted() -> None:
+    try:
+        raise aiohttp.InvalidURL(f"http//bob:pw@host/x?apikey={API_KEY}", "no scheme")
+    except aiohttp.InvalidURL as exc:
+        text = redact_exception_text(exc, redactor=REDACTOR, with_traceback=True)
+
+    assert API_KEY not in text
+    assert "InvalidURL" in text and "no scheme" in text
+
+
+def test_yarl_error_text_is_redacted() -> None:
+    with pytest.raises(ValueError) as caught:
+        URL.build(scheme="https", host=f"{API_KEY} .example")
+    assert API_KEY in str(caught.value)  # yarl quotes the host it refuses
+
+    assert API_KEY not in redact_exception_text(caught.value, redactor=REDACTOR)
+
+
+# --- the process-wide registry ---------------------------------------------------------------
+
+
+def test_registry_masks_secrets_of_every_run_in_flight_until_unregistered() -> None:
+    registry = SecretRegistry()
+    first = registry.register(["run-one-secret"], ["X-One"])
+    registry.register(["run-two-secret"])
+
+    both = registry.redactor()
+    assert both.text("run-one-secret run-two-secret") == f"{REDACTED} {REDACTED}"
+    assert both.headers({"x-one": "v"}) == {"x-one": REDACTED}
+    assert registry.redactor() is both  # cached until the set changes
+
+    registry.unregister(first)
+    registry.unregister(first)  # twice is harmless
+    after = registry.redactor()
+    assert after.text("run-one-secret run-two-secret") == f"run-one-secret {REDACTED}"
+
+
+def test_default_exception_redaction_uses_the_global_registry() -> None:
+    handle = SECRETS.register(["global-registry-secret"])
+    try:
+        text = redact_exception_text(RuntimeError("boom global-registry-secret"))
+    finally:
+        SECRETS.unregister(handle)
+
+    assert text == f"RuntimeError: boom {REDACTED}"
