@@ -51,9 +51,13 @@ class Runtime:
     service: RunService
     worker: QueueWorker
     definitions: DefinitionStore
+    tokens: OAuth2TokenManager
 
     async def close(self) -> None:
         await self.cancels.stop()
+        with contextlib.suppress(Exception):
+            # A rotated refresh token whose report failed gets one more try.
+            await self.tokens.flush_reports()
         await self.execlog.shutdown(5.0)
         await self.session.close()
         await self.control_session.close()
@@ -86,9 +90,11 @@ async def build(settings: Settings) -> Runtime:
         key_prefix=keys.oauth2(),
         credentials_key=key,
         control_plane_url=settings.control_plane_url or None,
+        control_session=control_session,
         control_plane_token=settings.control_plane_token or None,
         skew_ms=int(settings.oauth2_skew_s * 1000),
         now_ms=clock.now_ms,
+        on_warning=lambda message, context: log.warning("oauth2.warning", detail=message, **context),
     )
     transport = HttpTransport(
         session,
@@ -143,6 +149,7 @@ async def build(settings: Settings) -> Runtime:
         service=service,
         worker=worker,
         definitions=definitions,
+        tokens=tokens,
     )
 
 
@@ -154,7 +161,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await runtime.redis.ping()
-    except Exception as err:  # noqa: BLE001 - any failure here means we cannot start
+    except Exception as err:
         log.error("redis.unreachable", url=_safe_url(settings.redis_url), error=type(err).__name__)
         await runtime.close()
         return 1

@@ -35,21 +35,21 @@ RetryStrategy = Literal["NONE", "FIXED", "EXPONENTIAL"]
 ConnectionType = Literal["API_KEY", "BASIC", "OAUTH2", "CUSTOM_HEADER", "NONE"]
 
 
-class StepInput(Owned):
+class StepInput(Owned, frozen=True):
     path: dict[str, Any] = {}
     query: dict[str, Any] = {}
     headers: dict[str, Any] = {}
     body: Any = None
 
 
-class RetryOverride(Owned):
+class RetryOverride(Owned, frozen=True):
     retry_strategy: RetryStrategy | None = None
     max_attempts: int | None = None
     initial_delay_ms: int | None = None
     max_delay_ms: int | None = None
 
 
-class Step(Owned):
+class Step(Owned, frozen=True):
     key: str
     action_id: str
     connection_id: str | None = None
@@ -62,11 +62,11 @@ class Step(Owned):
     extract: dict[str, str] = {}
 
 
-class Graph(Owned):
+class Graph(Owned, frozen=True):
     steps: list[Step]
 
 
-class Action(Wire):
+class Action(Wire, frozen=True):
     id: str
     endpoint_template: str
     name: str = ""
@@ -84,7 +84,7 @@ class Action(Wire):
     idempotency_header: str | None = None
 
 
-class ConnectionConfig(Wire):
+class ConnectionConfig(Wire, frozen=True):
     base_url: str | None = None
     api_key_name: str | None = None
     api_key_in: Literal["header", "query"] = "header"
@@ -95,7 +95,7 @@ class ConnectionConfig(Wire):
     ca_bundle: str | None = None
 
 
-class Connection(Wire):
+class Connection(Wire, frozen=True):
     id: str
     type: ConnectionType
     config: ConnectionConfig = ConnectionConfig()
@@ -103,12 +103,12 @@ class Connection(Wire):
     secrets: dict[str, Any] | None = None
 
 
-class EnvConfig(Wire):
+class EnvConfig(Wire, frozen=True):
     vars: dict[str, str] = {}
     secret_refs: dict[str, str] = {}
 
 
-class WorkflowVersion(Wire):
+class WorkflowVersion(Wire, frozen=True):
     id: str
     graph: Graph
     workflow_id: str | None = None
@@ -123,7 +123,7 @@ class WorkflowVersion(Wire):
 # --- section 2: job data -------------------------------------------------------------------
 
 
-class JobData(Wire):
+class JobData(Wire, frozen=True):
     workflow_run_id: str
     workflow_version_id: str
     tenant_id: str
@@ -138,7 +138,7 @@ class JobData(Wire):
 # --- section 4: credentials ----------------------------------------------------------------
 
 
-class ResolvedCredentials(Wire):
+class ResolvedCredentials(Wire, frozen=True):
     connections: dict[str, Connection] = {}
     secrets: dict[str, str] = {}
 

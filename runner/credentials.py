@@ -19,7 +19,13 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from runner.contract import Connection, ConnectionConfig, JobData, ResolvedCredentials, decode_credentials
+from runner.contract import (
+    Connection,
+    ConnectionConfig,
+    JobData,
+    ResolvedCredentials,
+    decode_credentials,
+)
 from runner.controlplane import ControlPlane
 from runner.engine.plan import Plan
 from runner.errors import CredentialsError
@@ -130,10 +136,10 @@ def connections_for_run(plan: Plan, creds: ResolvedCredentials) -> dict[str, Con
             resolved = msgspec.structs.replace(resolved, config=config)
         merged[cid] = resolved
     for sp in plan.steps:
-        cid = sp.step.connection_id
-        if cid is not None and cid not in merged:
+        named = sp.step.connection_id
+        if named is not None and named not in merged:
             raise CredentialsError(
-                f"{sp.where}.connectionId: connection '{cid}' is neither in the definition "
+                f"{sp.where}.connectionId: connection '{named}' is neither in the definition "
                 "nor in the run's credentials"
             )
     return merged

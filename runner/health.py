@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from runner.app import Runtime
 
 
-async def serve_health(port: int, runtime: Runtime, host: str = "0.0.0.0") -> web.AppRunner:  # noqa: S104
+async def serve_health(port: int, runtime: Runtime, host: str = "0.0.0.0") -> web.AppRunner:
     async def healthz(_: web.Request) -> web.Response:
         alive = runtime.worker.alive
         return web.json_response({"alive": alive}, status=200 if alive else 503)
@@ -21,7 +21,7 @@ async def serve_health(port: int, runtime: Runtime, host: str = "0.0.0.0") -> we
         try:
             async with asyncio.timeout(2):
                 await runtime.redis.ping()
-        except Exception as err:  # noqa: BLE001 - any failure means not ready
+        except Exception as err:
             return web.json_response({"redis": type(err).__name__}, status=503)
         return web.json_response({"redis": "ok"})
 

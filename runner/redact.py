@@ -326,3 +326,18 @@ def redact_exception_text(
     ``ClientResponseError`` and ``InvalidURL`` put the full URL (and, in ``repr``, the request
     headers) into their text."""
     return (redactor or SECRETS.redactor()).exception_text(exc, with_traceback=with_traceback)
+
+
+class LayeredRedactor:
+    """A run's own redactor, then the process-wide one: for runs whose secrets can change while
+    they run (an OAuth2 refresh registers the new tokens in ``SECRETS``)."""
+
+    def __init__(self, own: Redactor, registry: SecretRegistry = SECRETS) -> None:
+        self.own = own
+        self.registry = registry
+
+    def text(self, s: str) -> str:
+        return self.registry.redactor().text(self.own.text(s))
+
+    def value(self, obj: Any) -> Any:
+        return self.registry.redactor().value(self.own.value(obj))

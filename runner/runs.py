@@ -34,10 +34,11 @@ from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
-from runner.redact import SECRETS, Redactor
+from runner.redact import SECRETS, LayeredRedactor, Redactor
 from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
 from runner.reporting.status import RunReporter, StatusSink
+from runner.reporting.stream import load_checkpoint
 
 _encode = msgspec.json.Encoder().encode
 
@@ -83,7 +84,9 @@ class RunService:
 
     async def handle(self, job: Any, token: str) -> dict[str, Any]:
         data = self.decode(job)
-        checkpoint = parse_checkpoint(await self.redis.hgetall(self.keys.run(data.workflow_run_id)))  # type: ignore[misc]
+        checkpoint = parse_checkpoint(
+            await load_checkpoint(self.redis, self.keys, data.workflow_run_id)
+        )
         redactor = Redactor(self.process_secrets)
         reporter = self._reporter(job, data, redactor, checkpoint, total_steps=0)
         handle = None
@@ -96,7 +99,9 @@ class RunService:
             values, names = _secret_material(connections.values(), creds.secrets.values())
             handle = SECRETS.register(values, names)
             redactor = Redactor([*values, *self.process_secrets], names)
-            reporter.redact = redactor
+            # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
+            oauth2 = any(c.type == "OAUTH2" for c in connections.values())
+            reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
             ctx = self._context(job, data, plan, checkpoint, connections, secrets)
             reason = await self.cancels.requested(data.workflow_run_id)
             if reason is not None:
@@ -132,7 +137,7 @@ class RunService:
         may run, and a later delivery resumes there."""
         resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
         if resume:
-            await self.redis.hset(self.keys.run(data.workflow_run_id), mapping=resume)  # type: ignore[misc]
+            await self.redis.hset(self.keys.run(data.workflow_run_id), mapping=dict(resume))  # type: ignore[arg-type]
         resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
         await job.moveToDelayed(resume_at, token)
         log.info(

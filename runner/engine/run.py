@@ -131,6 +131,7 @@ class Engine:
                 if future is not None and not future.done():
                     future.cancel()
         status: RunStatus
+        error: RunnerError | None
         if state.handing_back:
             return RunOutcome("DEFERRED", None, state.results, state.deferred)
         if isinstance(state.stop, Canceled):

@@ -193,6 +193,7 @@ class OAuth2TokenManager:
         key_prefix: str,
         credentials_key: bytes | None,
         control_plane_url: str | None,
+        control_session: aiohttp.ClientSession | None = None,
         control_plane_token: str | None,
         skew_ms: int = 60_000,
         now_ms: Callable[[], int] = _wall_clock_ms,
@@ -204,6 +205,9 @@ class OAuth2TokenManager:
         if credentials_key is not None and len(credentials_key) != 32:
             raise ValueError("credentials_key must be 32 bytes (AES-256)")
         self._session = session
+        # The control plane is trusted and exempt from the egress policy: it may be reached
+        # through a session of its own, while token endpoints use the guarded one.
+        self._control_session = control_session or session
         self._redis = redis
         self._key_prefix = key_prefix
         self._credentials_key = credentials_key
@@ -580,7 +584,7 @@ class OAuth2TokenManager:
         }
         reason: str
         try:
-            async with self._session.put(
+            async with self._control_session.put(
                 url, json=payload, headers=headers, timeout=self._timeout
             ) as response:
                 await response.read()

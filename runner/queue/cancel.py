@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -69,7 +70,9 @@ class CancelWatch:
         delay_s = 0.1
         while True:
             try:
-                reply = await self.client.xread({stream: last_id}, block=self.block_ms, count=100)
+                reply: Any = await self.client.xread(
+                    {stream: last_id}, block=self.block_ms, count=100
+                )
                 delay_s = 0.1
             except (RedisError, OSError) as err:
                 log.warning("cancel.reader_error", error=type(err).__name__)

@@ -204,7 +204,7 @@ class RunReporter:
                 tenant_id=self.tenant_id,
                 workflow_version_id=self.version_id,
                 job_id=self.job_id,
-                status=status,
+                status=status,  # type: ignore[arg-type]  # never DEFERRED: the engine reports only final states
                 at=now,
                 started_at=self.started_ms,
                 finished_at=now,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -82,5 +83,5 @@ class MemoryStatusSink:
 
 
 async def load_checkpoint(client: aioredis.Redis, keys: Keys, run_id: str) -> dict[bytes, bytes]:
-    raw: dict[bytes, bytes] = await client.hgetall(keys.run(run_id))  # type: ignore[misc]
-    return raw
+    raw: Any = await client.hgetall(keys.run(run_id))
+    return dict(raw)
