@@ -66,10 +66,16 @@ class Runtime:
 
 
 async def build(settings: Settings) -> Runtime:
-    process_secrets = tuple(v for v in (settings.control_plane_token, settings.credentials_key) if v)
+    process_secrets = tuple(
+        v for v in (settings.control_plane_token, settings.credentials_key) if v
+    )
     if process_secrets:
         SECRETS.register(process_secrets)
-    log.configure(level=settings.log_level, scrub=lambda line: SECRETS.redactor().text(line), worker=settings.name)
+    log.configure(
+        level=settings.log_level,
+        scrub=lambda line: SECRETS.redactor().text(line),
+        worker=settings.name,
+    )
     clock = SystemClock()
     keys = Keys(settings.queue_prefix, settings.queue)
     opts = redis_options(settings.redis_url, settings.redis_socket_timeout_s)
@@ -94,7 +100,9 @@ async def build(settings: Settings) -> Runtime:
         control_plane_token=settings.control_plane_token or None,
         skew_ms=int(settings.oauth2_skew_s * 1000),
         now_ms=clock.now_ms,
-        on_warning=lambda message, context: log.warning("oauth2.warning", detail=message, **context),
+        on_warning=lambda message, context: log.warning(
+            "oauth2.warning", detail=message, **context
+        ),
     )
     transport = HttpTransport(
         session,
@@ -110,7 +118,9 @@ async def build(settings: Settings) -> Runtime:
         execlog = MongoExecutionLog(
             settings.mongodb_url,
             redact=lambda value: SECRETS.redactor().value(value),
-            on_warning=lambda message, context: log.warning("execlog.warning", detail=message, **context),
+            on_warning=lambda message, context: log.warning(
+                "execlog.warning", detail=message, **context
+            ),
         )
     else:
         execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().value(value))

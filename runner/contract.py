@@ -193,7 +193,7 @@ _version_decoder = msgspec.json.Decoder(WorkflowVersion)
 _credentials_decoder = msgspec.json.Decoder(ResolvedCredentials)
 
 
-def _path_of(err: msgspec.ValidationError) -> str:
+def path_of(err: msgspec.ValidationError) -> str:
     # msgspec says "Expected `object`, got `int` - at `$.input`"; we say "$.input: expected object".
     text = str(err)
     message, sep, where = text.rpartition(" - at `")
@@ -213,7 +213,7 @@ def decode_job_data(raw: Any) -> JobData:
             return _job_decoder.decode(raw)
         return msgspec.convert(raw, JobData)
     except msgspec.ValidationError as err:
-        raise PayloadError(_path_of(err)) from None
+        raise PayloadError(path_of(err)) from None
     except msgspec.DecodeError as err:
         raise PayloadError(f"$: not valid JSON ({err})") from None
 
@@ -225,7 +225,7 @@ def decode_workflow_version(raw: Any, where: str = "$") -> WorkflowVersion:
             return _version_decoder.decode(raw)
         return msgspec.convert(raw, WorkflowVersion)
     except msgspec.ValidationError as err:
-        path = _path_of(err)
+        path = path_of(err)
         raise DefinitionError(where + path[1:] if path.startswith("$") else path) from None
     except msgspec.DecodeError as err:
         raise DefinitionError(f"{where}: not valid JSON ({err})") from None
@@ -236,6 +236,6 @@ def decode_credentials(raw: bytes | str) -> ResolvedCredentials:
     try:
         return _credentials_decoder.decode(raw)
     except msgspec.ValidationError as err:
-        raise CredentialsError(f"credentials do not decode: {_path_of(err)}") from None
+        raise CredentialsError(f"credentials do not decode: {path_of(err)}") from None
     except msgspec.DecodeError:
         raise CredentialsError("credentials are not valid JSON") from None

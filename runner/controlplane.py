@@ -70,9 +70,7 @@ class ControlPlane:
             DefinitionError,
         )
         if status == 404:
-            raise DefinitionError(
-                f"{what} does not exist", code=ErrorCode.DEFINITION_NOT_FOUND
-            )
+            raise DefinitionError(f"{what} does not exist", code=ErrorCode.DEFINITION_NOT_FOUND)
         if status != 200:
             raise DefinitionError(
                 f"control plane answered {status} for {what}", retryable=status >= 500

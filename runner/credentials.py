@@ -107,9 +107,7 @@ class CredentialSource:
 
 def _explicit_fields(config: ConnectionConfig) -> set[str]:
     defaults = ConnectionConfig()
-    return {
-        f for f in config.__struct_fields__ if getattr(config, f) != getattr(defaults, f)
-    }
+    return {f for f in config.__struct_fields__ if getattr(config, f) != getattr(defaults, f)}
 
 
 def _needs_secrets(connection: Connection | None) -> bool:

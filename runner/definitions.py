@@ -33,7 +33,9 @@ class DefinitionStore:
             self._plans.move_to_end(version_id)
             return plan
         if job.workflow_version is not None:
-            return self._remember(version_id, _compile(job.workflow_version, version_id, "$.workflowVersion"))
+            return self._remember(
+                version_id, _compile(job.workflow_version, version_id, "$.workflowVersion")
+            )
         inflight = self._inflight.get(version_id)
         if inflight is not None:
             return await asyncio.shield(inflight)

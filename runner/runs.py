@@ -29,6 +29,7 @@ from runner.definitions import DefinitionStore
 from runner.engine.plan import Plan
 from runner.engine.ports import Clock, RunContext, StepResult
 from runner.engine.run import Engine, RunOutcome
+from runner.engine.schemas import check_input
 from runner.errors import PayloadError, RunnerError
 from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
@@ -93,6 +94,7 @@ class RunService:
         try:
             plan = await self.definitions.plan_for(data)
             reporter.total_steps = len(plan.steps)
+            check_input(plan.schemas, data.input)
             creds = await self.credentials.resolve(data, plan)
             connections = connections_for_run(plan, creds)
             secrets = secrets_for_run(plan, creds)
@@ -120,7 +122,9 @@ class RunService:
                 await self._defer(job, token, data, outcome)
         except RunnerError as err:
             if err.retryable and _attempts_left(job):
-                log.warning("run.retry_later", runId=data.workflow_run_id, error=redactor.text(str(err)))
+                log.warning(
+                    "run.retry_later", runId=data.workflow_run_id, error=redactor.text(str(err))
+                )
                 raise RuntimeError(redactor.text(str(err))) from None
             if reporter.seq == checkpoint.last_seq:
                 await reporter.run_started(self.clock.now_ms())
@@ -154,7 +158,9 @@ class RunService:
                 raise PayloadError(f"$: job name '{job.name}' is not '{JOB_NAME}'")
             size = len(_encode(job.data))
             if size > self.max_job_bytes:
-                raise PayloadError(f"$: job data is {size} bytes, over the {self.max_job_bytes}-byte limit")
+                raise PayloadError(
+                    f"$: job data is {size} bytes, over the {self.max_job_bytes}-byte limit"
+                )
             return decode_job_data(job.data)
         except PayloadError as err:
             log.warning("job.invalid", jobId=job.id, error=str(err))
@@ -189,7 +195,9 @@ class RunService:
         secrets: dict[str, str],
     ) -> RunContext:
         started = checkpoint.started_ms or self.clock.now_ms()
-        deadline = data.deadline_at if data.deadline_at is not None else started + plan.version.timeout_ms
+        deadline = (
+            data.deadline_at if data.deadline_at is not None else started + plan.version.timeout_ms
+        )
         return RunContext(
             job_id=str(job.id),
             run_id=data.workflow_run_id,
@@ -226,7 +234,9 @@ class RunService:
             text = str(error) if error is not None else f"{outcome.status}: the run did not succeed"
             raise UnrecoverableError(redactor.text(text))
         finished = self.clock.now_ms()
-        started = min((s.started_ms for s in outcome.steps.values() if s.started_ms), default=finished)
+        started = min(
+            (s.started_ms for s in outcome.steps.values() if s.started_ms), default=finished
+        )
         return {
             "workflowRunId": data.workflow_run_id,
             "status": outcome.status,
@@ -238,9 +248,7 @@ class RunService:
         }
 
 
-def _secret_material(
-    connections: Any, secret_values_: Any
-) -> tuple[list[str], list[str]]:
+def _secret_material(connections: Any, secret_values_: Any) -> tuple[list[str], list[str]]:
     values: list[str] = [v for v in secret_values_ if isinstance(v, str)]
     names: list[str] = []
     for conn in connections:

@@ -124,12 +124,13 @@ def compile_value(value: Any, where: str = "$") -> Compiled:
     if isinstance(value, dict):
         items = tuple((k, compile_value(v, f"{where}.{k}")) for k, v in value.items())
         if all(isinstance(c, Const) for _, c in items):
-            return Const(value)
+            # Fold the children's values, not the source: escapes (\{{) are already undone.
+            return Const({k: c.value for k, c in items if isinstance(c, Const)})
         return Obj(items)
     if isinstance(value, list):
         arr = tuple(compile_value(v, f"{where}[{i}]") for i, v in enumerate(value))
         if all(isinstance(c, Const) for c in arr):
-            return Const(value)
+            return Const([c.value for c in arr if isinstance(c, Const)])
         return Arr(arr)
     return Const(value)
 
@@ -238,6 +239,16 @@ class JsonPath:
 
     def find(self, doc: Any) -> Any:
         """The value; a list for wildcard paths; ``None`` when the path does not exist."""
+        values = self._matches(doc)
+        if self.has_wildcard:
+            return values
+        return values[0] if values else None
+
+    def exists(self, doc: Any) -> bool:
+        """Wildcard paths always exist (maybe empty); others when they match, null included."""
+        return self.has_wildcard or bool(self._matches(doc))
+
+    def _matches(self, doc: Any) -> list[Any]:
         values = [doc]
         for seg in self.segments:
             nxt: list[Any] = []
@@ -253,12 +264,7 @@ class JsonPath:
                 elif isinstance(v, dict) and seg in v:
                     nxt.append(v[seg])
             values = nxt
-        if self.has_wildcard:
-            return values
-        return values[0] if values else None
-
-    def exists(self, doc: Any) -> bool:
-        return self.has_wildcard or self.find(doc) is not None
+        return values
 
 
 def compile_jsonpath(text: str, where: str) -> JsonPath:

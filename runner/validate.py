@@ -43,10 +43,10 @@ from runner.contract import (
     Connection,
     Step,
     WorkflowVersion,
-    _path_of,
     decode_workflow_version,
+    path_of,
 )
-from runner.engine.plan import _KEY, StepPlan, compile_plan, find_cycle
+from runner.engine.plan import STEP_KEY, StepPlan, compile_plan, find_cycle
 from runner.engine.schemas import ACTION_SCHEMA_FIELDS, compile_schema, compile_schemas
 from runner.errors import DefinitionError
 from runner.http.request import base_url_for, path_params
@@ -143,7 +143,7 @@ def _decode_problems(doc: Any) -> list[str]:
         try:
             msgspec.convert(value, struct)
         except msgspec.ValidationError as err:
-            problems.append(where + _path_of(err)[1:])
+            problems.append(where + path_of(err)[1:])
     return problems
 
 
@@ -185,7 +185,7 @@ class _Checker:
         keys = {s.key for s in version.graph.steps}
         for i, step in enumerate(version.graph.steps):
             where = f"$.graph.steps[{i}]"
-            if not _KEY.match(step.key):
+            if not STEP_KEY.fullmatch(step.key):
                 self.add(f"{where}.key: '{step.key}' must match [A-Za-z_][A-Za-z0-9_]*")
             if step.key in self.first_index:
                 self.add(

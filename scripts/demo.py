@@ -17,7 +17,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -27,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from runner.credentials import seal  # noqa: E402
 from sample_api import SampleApi  # noqa: E402
+
+from runner.credentials import seal  # noqa: E402
 from tests.workflows import three_step_version  # noqa: E402
 
 REDIS_URL = os.environ.get("RUNNER_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -79,7 +79,13 @@ async def main() -> int:
     log_dir = ROOT / ".run"
     log_dir.mkdir(exist_ok=True)
     runner_log = (log_dir / "demo-runner.log").open("wb")
-    runner = subprocess.Popen([sys.executable, "-m", "runner"], cwd=ROOT, env=env, stdout=runner_log, stderr=subprocess.STDOUT)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "runner"],
+        cwd=ROOT,
+        env=env,
+        stdout=runner_log,
+        stderr=subprocess.STDOUT,
+    )
     banner(f"runner started (pid {runner.pid}), its JSON log: .run/demo-runner.log")
 
     sink = None
@@ -88,8 +94,13 @@ async def main() -> int:
         sink = subprocess.Popen(
             ["npm", "start", "--silent"],
             cwd=ROOT / "scripts/status-sink",
-            env={**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
-                 "STATUS_STREAM": stream, "STATUS_GROUP": f"demo-{queue}"},
+            env={
+                **os.environ,
+                "REDIS_URL": REDIS_URL,
+                "DATABASE_URL": DATABASE_URL,
+                "STATUS_STREAM": stream,
+                "STATUS_GROUP": f"demo-{queue}",
+            },
             stdout=sink_log,
             stderr=subprocess.STDOUT,
         )
@@ -99,7 +110,16 @@ async def main() -> int:
     jobs = []
     for i in range(RUNS):
         run_id = f"run_{queue}_{i + 1}"
-        creds = {"connections": {"conn_api": {"id": "conn_api", "type": "API_KEY", "config": {}, "secrets": {"apiKey": API_KEY}}}}
+        creds = {
+            "connections": {
+                "conn_api": {
+                    "id": "conn_api",
+                    "type": "API_KEY",
+                    "config": {},
+                    "secrets": {"apiKey": API_KEY},
+                }
+            }
+        }
         data = {
             "workflowRunId": run_id,
             "workflowVersionId": version["id"],
@@ -108,20 +128,38 @@ async def main() -> int:
             "workflowVersion": version,
             "sealedCredentials": seal(msgspec.json.encode(creds), key, run_id),
         }
-        jobs.append({"data": data, "opts": {"jobId": run_id, "attempts": 3, "removeOnComplete": False}})
+        jobs.append(
+            {"data": data, "opts": {"jobId": run_id, "attempts": 3, "removeOnComplete": False}}
+        )
     # One run that fails on purpose: its customer id renders into a path that the API rejects.
     bad = json.loads(json.dumps(jobs[0]))
     bad["data"]["workflowRunId"] = bad["opts"]["jobId"] = f"run_{queue}_bad"
     bad["data"]["input"] = {"orderNo": 1}
-    creds = {"connections": {"conn_api": {"id": "conn_api", "type": "API_KEY", "config": {}, "secrets": {"apiKey": API_KEY}}}}
-    bad["data"]["sealedCredentials"] = seal(msgspec.json.encode(creds), key, bad["data"]["workflowRunId"])
+    creds = {
+        "connections": {
+            "conn_api": {
+                "id": "conn_api",
+                "type": "API_KEY",
+                "config": {},
+                "secrets": {"apiKey": API_KEY},
+            }
+        }
+    }
+    bad["data"]["sealedCredentials"] = seal(
+        msgspec.json.encode(creds), key, bad["data"]["workflowRunId"]
+    )
     jobs.append(bad)
 
     client = aioredis.Redis.from_url(REDIS_URL)
     last_id = "$"
     banner(f"enqueuing {len(jobs)} runs with the Node BullMQ producer (tests/node/peer.mjs add)")
     spec = json.dumps({"redis": REDIS_URL, "queue": queue, "jobs": jobs})
-    subprocess.run(["node", str(ROOT / "tests/node/peer.mjs"), "add", "-"], input=spec.encode(), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["node", str(ROOT / "tests/node/peer.mjs"), "add", "-"],
+        input=spec.encode(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
     finished: dict[str, str] = {}
     deadline = time.monotonic() + 60
@@ -137,21 +175,35 @@ async def main() -> int:
                     extra = f" attempt {e['attempt']}" if e.get("attempt") else ""
                     if e.get("errorCode"):
                         extra += f"  {e['errorCode']}: {e['errorMessage']}"
-                    print(f"  seq {e['seq']:>2}  {e['kind']:<4}  {who:<42} {e['status']}{extra}", flush=True)
+                    print(
+                        f"  seq {e['seq']:>2}  {e['kind']:<4}  {who:<42} {e['status']}{extra}",
+                        flush=True,
+                    )
                     if e["kind"] == "run" and e["status"] in ("SUCCESS", "FAILED", "CANCELED"):
                         finished[e["workflowRunId"]] = e["status"]
         if len(finished) < len(jobs):
-            print("demo: not every run finished within 60 s; see .run/demo-runner.log", file=sys.stderr)
+            print(
+                "demo: not every run finished within 60 s; see .run/demo-runner.log",
+                file=sys.stderr,
+            )
             code = 1
         else:
             ok = sum(1 for s in finished.values() if s == "SUCCESS")
-            banner(f"{ok} runs SUCCESS, {len(finished) - ok} FAILED (one on purpose: its input misses customerId)")
+            banner(
+                f"{ok} runs SUCCESS, {len(finished) - ok} FAILED (one on purpose: its input misses customerId)"
+            )
         if sink is not None:
             await asyncio.sleep(1.5)
             rows = subprocess.run(
-                ["psql", DATABASE_URL, "-At", "-c",
-                 f"select id, status, coalesce(error_code, '') from workflow_runs where id like 'run_{queue}_%' order by id"],
-                capture_output=True, text=True,
+                [
+                    "psql",
+                    DATABASE_URL,
+                    "-At",
+                    "-c",
+                    f"select id, status, coalesce(error_code, '') from workflow_runs where id like 'run_{queue}_%' order by id",
+                ],
+                capture_output=True,
+                text=True,
             )
             if rows.returncode == 0:
                 banner("workflow_runs in PostgreSQL, written by the status sink")

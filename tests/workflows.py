@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def api_key_connection(base_url: str, cid: str = "conn_api", key: str | None = None) -> dict[str, Any]:
+def api_key_connection(
+    base_url: str, cid: str = "conn_api", key: str | None = None
+) -> dict[str, Any]:
     conn: dict[str, Any] = {
         "id": cid,
         "type": "API_KEY",
@@ -84,8 +86,9 @@ def three_step_version(base_url: str, version_id: str = "wfv_3step") -> dict[str
     }
 
 
-def job_data(run_id: str, version: dict[str, Any] | None, *, version_id: str | None = None,
-             **extra: Any) -> dict[str, Any]:
+def job_data(
+    run_id: str, version: dict[str, Any] | None, *, version_id: str | None = None, **extra: Any
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "workflowRunId": run_id,
         "workflowVersionId": version_id or (version["id"] if version else "wfv_missing"),

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from runner.contract import Action, Step, WorkflowVersion
+from runner.engine.schemas import PlanSchemas, compile_schemas
 from runner.errors import DefinitionError
 from runner.retry import RetryPolicy, policy_for
 from runner.templating import Compiled, JsonPath, compile_jsonpath, compile_value
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+STEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # use with fullmatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,7 @@ class Plan:
     by_key: dict[str, StepPlan] = field(repr=False)
     connection_ids: frozenset[str]
     secret_refs: dict[str, str]
-    validators: Any = None  # compiled JSON Schemas, filled by runner.engine.schemas when present
+    schemas: PlanSchemas
 
     @property
     def id(self) -> str:
@@ -61,7 +61,7 @@ def compile_plan(version: WorkflowVersion) -> Plan:
     previous: str | None = None
     for i, step in enumerate(version.graph.steps):
         where = f"$.graph.steps[{i}]"
-        if not _KEY.match(step.key):
+        if not STEP_KEY.fullmatch(step.key):
             raise DefinitionError(f"{where}.key: '{step.key}' must match [A-Za-z_][A-Za-z0-9_]*")
         if step.key in seen:
             raise DefinitionError(
@@ -128,6 +128,7 @@ def compile_plan(version: WorkflowVersion) -> Plan:
         by_key=by_key,
         connection_ids=connection_ids,
         secret_refs=dict(version.env_config.secret_refs),
+        schemas=compile_schemas(version),
     )
 
 

@@ -98,6 +98,12 @@ class Engine:
                 "run": {"id": ctx.run_id, "tenantId": ctx.tenant_id},
             },
         )
+        for key, res in results.items():
+            sp = plan.by_key.get(key)
+            if res.status == "FAILED" and sp is not None and sp.step.on_failure == "FAIL_RUN":
+                # The run had already failed before this delivery: it stays failed.
+                state.failure = res.error or RunnerError(f"step '{key}' failed")
+                break
         await reporter.run_started(ctx.started_ms)
         walk = asyncio.ensure_future(self._walk(state))
         cancel = ctx.cancel() if ctx.cancel else None
@@ -212,7 +218,7 @@ class Engine:
                 res.started_ms = None
                 await reporter.step_done(res, 0)
                 return res
-            request = prepare_request(sp, ctx, state.scope)
+            request = prepare_request(sp, ctx, state.scope, state.plan.schemas)
             res.output = await run_attempts(
                 sp,
                 ctx,
@@ -221,6 +227,7 @@ class Engine:
                 reporter=reporter,
                 clock=self.clock,
                 result=res,
+                schemas=state.plan.schemas,
                 first_attempt=ctx.resume_attempts.get(sp.key, 1),
             )
             res.status = "SUCCESS"

@@ -24,6 +24,7 @@ from runner.engine.ports import (
     StepResult,
     Transport,
 )
+from runner.engine.schemas import PlanSchemas, check_output, check_request
 from runner.errors import (
     DefinitionError,
     ErrorCode,
@@ -50,8 +51,11 @@ def should_run(sp: StepPlan, scope: Mapping[str, Any]) -> bool:
     return sp.when is None or truthy(render(sp.when, scope))
 
 
-def prepare_request(sp: StepPlan, ctx: RunContext, scope: Mapping[str, Any]) -> HttpRequest:
-    """Render the step's input into a request. Raises ``TemplateError`` before any I/O."""
+def prepare_request(
+    sp: StepPlan, ctx: RunContext, scope: Mapping[str, Any], schemas: PlanSchemas
+) -> HttpRequest:
+    """Render the step's input into a request and check it against the Action's schemas.
+    Raises ``TemplateError`` or ``SchemaError`` before any I/O."""
     connection = _connection_of(sp, ctx)
     base = connection.config.base_url if connection else None
     if connection is not None and not base:
@@ -62,19 +66,23 @@ def prepare_request(sp: StepPlan, ctx: RunContext, scope: Mapping[str, Any]) -> 
     extra = {}
     if sp.action.idempotency_header:
         extra[sp.action.idempotency_header] = idempotency_key(ctx.run_id, sp.key)
+    path = _mapping(render(sp.path, scope), f"{sp.where}.input.path")
+    query = _mapping(render(sp.query, scope), f"{sp.where}.input.query")
+    body = render(sp.body, scope)
+    check_request(schemas, sp.key, path, query, body)
     try:
         return build_request(
             method=sp.action.method,
             base_url=base_url,
             endpoint_template=sp.action.endpoint_template,
-            path=_mapping(render(sp.path, scope), f"{sp.where}.input.path"),
-            query=_mapping(render(sp.query, scope), f"{sp.where}.input.query"),
+            path=path,
+            query=query,
             header_layers=(
                 _mapping(render(sp.action_headers, scope), f"$.actions.{sp.action.id}"),
                 _mapping(render(sp.headers, scope), f"{sp.where}.input.headers"),
                 extra,
             ),
-            body=render(sp.body, scope),
+            body=body,
         )
     except TemplateError as err:
         if err.message.startswith("$"):
@@ -97,7 +105,9 @@ def _connection_of(sp: StepPlan, ctx: RunContext) -> Connection | None:
     return ctx.connections.get(cid)
 
 
-def response_output(sp: StepPlan, response: HttpResponse) -> dict[str, Any]:
+def response_output(
+    sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None = None
+) -> dict[str, Any]:
     content_type = response.headers.get("content-type", "")
     body: Any
     if not response.body:
@@ -113,6 +123,8 @@ def response_output(sp: StepPlan, response: HttpResponse) -> dict[str, Any]:
             ) from None
     else:
         body = response.body.decode("utf-8", errors="replace")
+    if schemas is not None:
+        check_output(schemas, sp.key, body)
     output: dict[str, Any] = {
         "status": response.status,
         "headers": dict(response.headers),
@@ -133,6 +145,7 @@ async def run_attempts(
     reporter: Reporter,
     clock: Clock,
     result: StepResult,
+    schemas: PlanSchemas | None = None,
     first_attempt: int = 1,
 ) -> dict[str, Any]:
     """Attempts until success, a final failure (raised), or the deadline. Fills ``result``."""
@@ -166,7 +179,7 @@ async def run_attempts(
             )
             record.status = response.status
             if 200 <= response.status < 300:
-                output = response_output(sp, response)
+                output = response_output(sp, response, schemas)
                 record.duration_ms = clock.now_ms() - now
                 await reporter.attempt_done(record)
                 return output

@@ -25,7 +25,7 @@ from runner.errors import DefinitionError, TemplateError
 from runner.http.messages import HttpRequest
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _json_encode = msgspec.json.Encoder().encode
 
 
@@ -35,8 +35,11 @@ def path_params(endpoint_template: str) -> list[str]:
 
 def base_url_for(endpoint_template: str, base_url: str | None, where: str) -> str:
     """Checked once per definition: the URL prefix a step's endpoint hangs from."""
-    absolute = bool(urlsplit(endpoint_template).scheme)
+    scheme = urlsplit(endpoint_template).scheme
+    absolute = bool(scheme)
     if base_url is None:
+        if absolute and scheme not in ("http", "https"):
+            raise DefinitionError(f"{where}: endpointTemplate must be an http(s) URL")
         if not absolute:
             raise DefinitionError(
                 f"{where}: endpointTemplate '{endpoint_template}' must be an absolute URL "
@@ -100,7 +103,7 @@ def merge_headers(*layers: Mapping[str, Any]) -> dict[str, str]:
             if value is None:
                 continue
             text = value if isinstance(value, str) else _json_encode(value).decode()
-            if not _HEADER_NAME.match(name):
+            if not _HEADER_NAME.fullmatch(name):
                 raise TemplateError(f"header name '{name[:40]}' is not a valid token")
             if "\r" in text or "\n" in text or "\x00" in text:
                 raise TemplateError(f"header '{name}' contains CR, LF or NUL")
@@ -120,11 +123,11 @@ def build_request(
 ) -> HttpRequest:
     """``header_layers`` merge in order, later layers winning (headersTemplate, the step's
     headers, then the runner's own such as the idempotency key)."""
-    url = (
-        base_url + fill_endpoint(endpoint_template, path)
-        if base_url
-        else fill_endpoint(endpoint_template, path)
-    )
+    filled = fill_endpoint(endpoint_template, path)
+    if base_url:
+        url = base_url + (filled if filled.startswith("/") else "/" + filled)
+    else:
+        url = filled
     merged = merge_headers(*header_layers)
     payload: bytes | None = None
     if body is not None:

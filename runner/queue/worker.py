@@ -58,8 +58,19 @@ def _with_processed_by(worker: Worker, name: str) -> None:
 
     async def move_to_active(token: str, opts: dict[str, Any]) -> list[Any]:
         keys = scripts.getKeys(
-            ["wait", "active", "prioritized", "events", "stalled", "limiter", "delayed",
-             "paused", "meta", "pc", "marker"]
+            [
+                "wait",
+                "active",
+                "prioritized",
+                "events",
+                "stalled",
+                "limiter",
+                "delayed",
+                "paused",
+                "meta",
+                "pc",
+                "marker",
+            ]
         )
         packed = msgpack.packb(
             {

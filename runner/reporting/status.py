@@ -55,10 +55,17 @@ def preview(output: Any, limit_bytes: int = PREVIEW_LIMIT_BYTES) -> Any:
     raw = _encode(output)
     if len(raw) <= limit_bytes:
         return output
-    head = raw[: limit_bytes // 2].decode("utf-8", errors="ignore")
-    result: dict[str, Any] = {"preview": head, "sizeBytes": len(raw), "truncated": True}
+    result: dict[str, Any] = {"preview": "", "sizeBytes": len(raw), "truncated": True}
     if isinstance(output, dict) and isinstance(output.get("status"), int):
         result["status"] = output["status"]
+    # The preview is text inside JSON: quotes, backslashes and control characters grow when
+    # escaped, so shrink until the whole preview object fits.
+    cut = limit_bytes // 2
+    while cut > 0:
+        result["preview"] = raw[:cut].decode("utf-8", errors="ignore")
+        if len(_encode(result)) <= limit_bytes:
+            break
+        cut //= 2
     return result
 
 
@@ -216,7 +223,11 @@ class RunReporter:
         )
         text = f"run {status}" + (f": {error}" if error else "")
         await self.job.log(self._line(text))
-        self._exec("error" if status == "FAILED" else "info", f"run {status}", {"error": str(error) if error else None})
+        self._exec(
+            "error" if status == "FAILED" else "info",
+            f"run {status}",
+            {"error": str(error) if error else None},
+        )
 
     def warn(self, message: str, **context: Any) -> None:
         self._exec("warning", message, context, step_key=context.get("stepKey"))
@@ -256,7 +267,9 @@ class RunReporter:
             error_message=error.message if error else None,
         )
 
-    async def _publish(self, event: RunEvent | StepEvent, checkpoint: dict[str, bytes] | None) -> None:
+    async def _publish(
+        self, event: RunEvent | StepEvent, checkpoint: dict[str, bytes] | None
+    ) -> None:
         data = self.redact.value(msgspec.to_builtins(event))
         await self.sink.publish(self.run_id, _encode(data), event.seq, checkpoint)
 

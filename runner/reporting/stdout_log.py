@@ -14,14 +14,20 @@ from runner.reporting.execlog import DEFAULT_CONTEXT_LIMIT_BYTES, LogLine, Redac
 
 class StdoutExecutionLog:
     def __init__(
-        self, *, context_limit_bytes: int = DEFAULT_CONTEXT_LIMIT_BYTES, redact: Redact | None = None
+        self,
+        *,
+        context_limit_bytes: int = DEFAULT_CONTEXT_LIMIT_BYTES,
+        redact: Redact | None = None,
     ) -> None:
         self.context_limit_bytes = context_limit_bytes
         self.redact = redact
         self.written = 0
 
     async def startup(self) -> None:
-        log.info("execlog.stdout", detail="RUNNER_MONGODB_URL is not set: execution logs go to stdout only")
+        log.info(
+            "execlog.stdout",
+            detail="RUNNER_MONGODB_URL is not set: execution logs go to stdout only",
+        )
 
     def write(self, line: LogLine) -> None:
         context: Any = line.context

@@ -59,7 +59,10 @@ async def test_three_step_workflow_runs_to_success_and_node_sees_everything(
     assert summary["workflowRunId"] == run_id
     assert summary["status"] == "SUCCESS"
     assert list(summary["steps"]) == ["fetch_customer", "create_ticket", "get_ticket"]
-    assert all(s == {"status": "SUCCESS", "attempts": 1, "durationMs": s["durationMs"]} for s in summary["steps"].values())
+    assert all(
+        s == {"status": "SUCCESS", "attempts": 1, "durationMs": s["durationMs"]}
+        for s in summary["steps"].values()
+    )
     assert job["processedBy"] == "test-runner-0"
 
     # and the API saw data flow between the steps through the templates
@@ -105,7 +108,11 @@ async def test_three_step_workflow_runs_to_success_and_node_sees_everything(
     assert not any(API_KEY in line for line in logs)
 
     # and the stream holds the run's events in seq order with the contract's fields
-    events = [e for e in await read_stream(redis, f"bull:{clean_queue}:status") if e["workflowRunId"] == run_id]
+    events = [
+        e
+        for e in await read_stream(redis, f"bull:{clean_queue}:status")
+        if e["workflowRunId"] == run_id
+    ]
     assert [e["seq"] for e in events] == list(range(1, 9))
     assert [(e["kind"], e.get("stepKey"), e["status"]) for e in events] == [
         ("run", None, "RUNNING"),
@@ -118,9 +125,25 @@ async def test_three_step_workflow_runs_to_success_and_node_sees_everything(
         ("run", None, "SUCCESS"),
     ]
     step_done = events[2]
-    for name in ("v", "seq", "kind", "workflowRunId", "tenantId", "workflowVersionId", "jobId",
-                 "stepKey", "stepRunId", "status", "attempt", "at", "startedAt", "finishedAt",
-                 "output", "errorCode", "errorMessage"):
+    for name in (
+        "v",
+        "seq",
+        "kind",
+        "workflowRunId",
+        "tenantId",
+        "workflowVersionId",
+        "jobId",
+        "stepKey",
+        "stepRunId",
+        "status",
+        "attempt",
+        "at",
+        "startedAt",
+        "finishedAt",
+        "output",
+        "errorCode",
+        "errorMessage",
+    ):
         assert name in step_done, name
     assert step_done["stepRunId"] == f"{run_id}:fetch_customer"
     assert step_done["output"]["email"] == "c 42/é?#@example.com"
@@ -136,7 +159,11 @@ async def test_malformed_job_fails_with_its_error_code_and_the_next_job_still_su
     api = SampleApi(API_KEY)
     base = await serve(api.app())
     await runner_process(RUNNER_CREDENTIALS_KEY=b64key(credentials_key))
-    good = job_data("run_good", three_step_version(base), sealedCredentials=sealed_for("run_good", credentials_key))
+    good = job_data(
+        "run_good",
+        three_step_version(base),
+        sealedCredentials=sealed_for("run_good", credentials_key),
+    )
     bad_input = {**job_data("run_bad", None), "input": "not an object"}
     missing = {"workflowRunId": "run_missing", "tenantId": "t", "input": {}}
     report = await node_peer(
@@ -175,7 +202,9 @@ async def test_definition_is_fetched_once_from_the_control_plane_for_many_runs(
     calls: dict[str, list[Any]] = {"versions": [], "credentials": []}
 
     async def get_version(request: web.Request) -> web.Response:
-        calls["versions"].append((request.headers.get("Authorization"), request.headers.get("X-Tenant-Id")))
+        calls["versions"].append(
+            (request.headers.get("Authorization"), request.headers.get("X-Tenant-Id"))
+        )
         if request.match_info["id"] != "wfv_fetched":
             return web.json_response({"error": "not found"}, status=404)
         return web.json_response(version)
@@ -190,14 +219,21 @@ async def test_definition_is_fetched_once_from_the_control_plane_for_many_runs(
     app.router.add_get("/runner/v1/workflow-versions/{id}", get_version)
     app.router.add_post("/runner/v1/runs/{run}/credentials", credentials)
     control_plane = await serve(app)
-    await runner_process(RUNNER_CONTROL_PLANE_URL=control_plane, RUNNER_CONTROL_PLANE_TOKEN="cp-token-xyz")
+    await runner_process(
+        RUNNER_CONTROL_PLANE_URL=control_plane, RUNNER_CONTROL_PLANE_TOKEN="cp-token-xyz"
+    )
 
     # When twenty runs of the version and one of an unknown version are added
     jobs = [
-        {"data": job_data(f"run_f{i}", None, version_id="wfv_fetched"), "opts": {"jobId": f"run_f{i}"}}
+        {
+            "data": job_data(f"run_f{i}", None, version_id="wfv_fetched"),
+            "opts": {"jobId": f"run_f{i}"},
+        }
         for i in range(20)
     ]
-    jobs.append({"data": job_data("run_nf", None, version_id="wfv_unknown"), "opts": {"jobId": "run_nf"}})
+    jobs.append(
+        {"data": job_data("run_nf", None, version_id="wfv_unknown"), "opts": {"jobId": "run_nf"}}
+    )
     report = await node_peer("run", {"queue": clean_queue, "jobs": jobs})
 
     # Then every run succeeds, the definition was fetched once, credentials once per run
@@ -207,7 +243,11 @@ async def test_definition_is_fetched_once_from_the_control_plane_for_many_runs(
     assert len(ok_fetches) == 2  # wfv_fetched once, wfv_unknown once
     assert ok_fetches[0] == ("Bearer cp-token-xyz", "ten_acme")
     assert len(calls["credentials"]) == 20
-    assert calls["credentials"][0] == {"tenantId": "ten_acme", "connectionIds": ["conn_api"], "secretRefs": []}
+    assert calls["credentials"][0] == {
+        "tenantId": "ten_acme",
+        "connectionIds": ["conn_api"],
+        "secretRefs": [],
+    }
     assert report["jobs"]["run_nf"]["failedReason"] == (
         "DEFINITION_NOT_FOUND: workflow version 'wfv_unknown' does not exist"
     )
