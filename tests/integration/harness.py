@@ -144,6 +144,7 @@ async def run_workflow(
     max_response_bytes: int = 10 * 1024 * 1024,
     follow_redirects: bool = False,
     egress_allow: Sequence[str] = LOOPBACK_ALLOWED,
+    step_parallelism: int = 8,
 ) -> RunRecord:
     """Run ``definition`` once, in this process, and record everything it reported."""
     plan = compile_plan(decode_workflow_version(dict(definition)))
@@ -197,7 +198,8 @@ async def run_workflow(
             deadline_ms=started_ms + timeout_ms,
         )
         began = time.monotonic()
-        outcome = await Engine(transport, clock).run(plan, ctx, reporter)
+        engine = Engine(transport, clock, step_parallelism=step_parallelism)
+        outcome = await engine.run(plan, ctx, reporter)
         elapsed_s = time.monotonic() - began
     finally:
         await session.close()
