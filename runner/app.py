@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from runner import telemetry
 from runner.controlplane import ControlPlane
 from runner.credentials import CredentialSource, parse_key
 from runner.definitions import DefinitionStore
@@ -52,6 +54,7 @@ class Runtime:
     worker: QueueWorker
     definitions: DefinitionStore
     tokens: OAuth2TokenManager
+    telemetry: telemetry.Telemetry
 
     async def close(self) -> None:
         await self.cancels.stop()
@@ -59,6 +62,7 @@ class Runtime:
             # A rotated refresh token whose report failed gets one more try.
             await self.tokens.flush_reports()
         await self.execlog.shutdown(5.0)
+        await asyncio.to_thread(self.telemetry.shutdown)
         await self.session.close()
         await self.control_session.close()
         await self.redis.aclose()
@@ -125,6 +129,7 @@ async def build(settings: Settings) -> Runtime:
     else:
         execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().value(value))
     definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
+    tel = telemetry.from_env(os.environ, queue_name=settings.queue)
     cancels = CancelWatch(events_redis, keys)
     service = RunService(
         definitions=definitions,
@@ -146,6 +151,7 @@ async def build(settings: Settings) -> Runtime:
         max_job_bytes=settings.max_job_bytes,
         long_wait_ms=int(settings.long_wait_s * 1000),
         process_secrets=process_secrets,
+        telemetry=tel,
     )
     worker = QueueWorker(settings, service.handle)
     return Runtime(
@@ -160,6 +166,7 @@ async def build(settings: Settings) -> Runtime:
         worker=worker,
         definitions=definitions,
         tokens=tokens,
+        telemetry=tel,
     )
 
 
@@ -184,6 +191,7 @@ async def serve(settings: Settings) -> int:
         prefix=settings.queue_prefix,
         concurrency=settings.concurrency,
         stream=settings.stream_key,
+        telemetry=runtime.telemetry.enabled,
     )
     health = None
     if settings.health_port:

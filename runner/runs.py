@@ -40,6 +40,7 @@ from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
 from runner.reporting.status import RunReporter, StatusSink
 from runner.reporting.stream import load_checkpoint
+from runner.telemetry import NOOP, RunSpan, Telemetry
 
 _encode = msgspec.json.Encoder().encode
 
@@ -72,6 +73,7 @@ class RunService:
     max_job_bytes: int
     long_wait_ms: int = 30_000
     process_secrets: tuple[str, ...] = ()
+    telemetry: Telemetry = NOOP
     _hand_backs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
 
     def hand_back_all(self, reason: str) -> int:
@@ -85,6 +87,26 @@ class RunService:
 
     async def handle(self, job: Any, token: str) -> dict[str, Any]:
         data = self.decode(job)
+        opts = job.opts or {}
+        with self.telemetry.run_span(
+            carrier_json=opts.get("tm"),
+            run_id=data.workflow_run_id,
+            tenant_id=data.tenant_id,
+            version_id=data.workflow_version_id,
+            job_id=str(job.id),
+            queue_wait_ms=self.clock.now_ms() - int(job.timestamp or 0),
+        ) as span:
+            outcome, redactor = await self._run(job, data, span)
+            if outcome.status != "DEFERRED":
+                span.end(outcome.status, str(outcome.error.code) if outcome.error else None)
+        if outcome.status == "DEFERRED":
+            await self._defer(job, token, data, outcome)
+        return self._settle(data, outcome, redactor)
+
+    async def _run(self, job: Any, data: JobData, span: RunSpan) -> tuple[RunOutcome, Redactor]:
+        """Load, resolve and run. A failure before the first step (definition, credentials,
+        input) is reported and returned as a FAILED outcome, unless it is an infrastructure
+        failure with job attempts left: then BullMQ retries the job."""
         checkpoint = parse_checkpoint(
             await load_checkpoint(self.redis, self.keys, data.workflow_run_id)
         )
@@ -105,21 +127,11 @@ class RunService:
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
             reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
             ctx = self._context(job, data, plan, checkpoint, connections, secrets)
+            ctx.trace = span
             reason = await self.cancels.requested(data.workflow_run_id)
             if reason is not None:
-                outcome = await self._canceled_before_start(plan, reporter, ctx, reason)
-            else:
-                hand_back = asyncio.get_running_loop().create_future()
-                self._hand_backs[data.workflow_run_id] = hand_back
-                try:
-                    with self.cancels.watch(data.workflow_run_id) as cancel:
-                        ctx.cancel = cancel
-                        ctx.hand_back = lambda: hand_back
-                        outcome = await self.engine.run(plan, ctx, reporter)
-                finally:
-                    self._hand_backs.pop(data.workflow_run_id, None)
-            if outcome.status == "DEFERRED":
-                await self._defer(job, token, data, outcome)
+                return await self._canceled_before_start(plan, reporter, ctx, reason), redactor
+            return await self._run_engine(plan, ctx, reporter), redactor
         except RunnerError as err:
             if err.retryable and _attempts_left(job):
                 log.warning(
@@ -129,11 +141,21 @@ class RunService:
             if reporter.seq == checkpoint.last_seq:
                 await reporter.run_started(self.clock.now_ms())
             await reporter.run_done("FAILED", err, {})
-            raise UnrecoverableError(redactor.text(str(err))) from None
+            return RunOutcome("FAILED", err, {}), redactor
         finally:
             if handle is not None:
                 SECRETS.unregister(handle)
-        return self._settle(data, outcome, redactor)
+
+    async def _run_engine(self, plan: Plan, ctx: RunContext, reporter: RunReporter) -> RunOutcome:
+        hand_back: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._hand_backs[ctx.run_id] = hand_back
+        try:
+            with self.cancels.watch(ctx.run_id) as cancel:
+                ctx.cancel = cancel
+                ctx.hand_back = lambda: hand_back
+                return await self.engine.run(plan, ctx, reporter)
+        finally:
+            self._hand_backs.pop(ctx.run_id, None)
 
     async def _defer(self, job: Any, token: str, data: JobData, outcome: RunOutcome) -> None:
         """Checkpoint where each deferred step continues, then give the job back to BullMQ as

@@ -17,6 +17,7 @@ from runner.contract import Connection
 from runner.errors import RunnerError
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.retry import RetryDecision
+from runner.telemetry import NOOP_SPAN, RunSpan
 
 # DEFERRED is internal: the step (or run) stopped to continue on a later delivery of its job
 # (a long wait handed back to BullMQ, or a shutdown); it is never reported as a final state.
@@ -133,3 +134,5 @@ class RunContext:
     hand_back: Callable[[], asyncio.Future[str]] | None = None
     # A wait longer than this is not slept in the slot: the job is handed back as delayed.
     long_wait_ms: int = 30_000
+    # The run's trace (OpenTelemetry when configured, else a shared no-op).
+    trace: RunSpan = NOOP_SPAN

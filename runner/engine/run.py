@@ -39,6 +39,7 @@ from runner.engine.ports import (
 )
 from runner.engine.step import prepare_request, run_attempts, should_run
 from runner.errors import Canceled, RunnerError, WorkflowTimeout
+from runner.telemetry import StepSpan
 
 
 @dataclass(slots=True)
@@ -210,6 +211,14 @@ class Engine:
         state.scope["steps"][sp.key] = _scope_entry(res)
 
     async def _step(self, state: _State, sp: StepPlan) -> StepResult:
+        with state.ctx.trace.step(sp.key) as span:
+            res = await self._step_in_span(state, sp, span)
+            if res.status != "DEFERRED":
+                code = str(res.error.code) if res.error is not None else None
+                span.end(res.status, res.attempts, res.duration_ms, code)
+            return res
+
+    async def _step_in_span(self, state: _State, sp: StepPlan, span: StepSpan) -> StepResult:
         ctx, reporter = state.ctx, state.reporter
         res = StepResult(sp.key, "FAILED", started_ms=self.clock.now_ms())
         try:
@@ -228,6 +237,7 @@ class Engine:
                 clock=self.clock,
                 result=res,
                 schemas=state.plan.schemas,
+                span=span,
                 first_attempt=ctx.resume_attempts.get(sp.key, 1),
             )
             res.status = "SUCCESS"

@@ -35,7 +35,8 @@ from runner.errors import (
 )
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.http.request import base_url_for, build_request
-from runner.retry import decide, parse_retry_after_s
+from runner.retry import RetryDecision, decide, parse_retry_after_s
+from runner.telemetry import NOOP_STEP_SPAN, AttemptSpan, StepSpan
 from runner.templating import render, truthy
 
 _decode_json = msgspec.json.Decoder().decode
@@ -146,6 +147,7 @@ async def run_attempts(
     clock: Clock,
     result: StepResult,
     schemas: PlanSchemas | None = None,
+    span: StepSpan | None = None,
     first_attempt: int = 1,
 ) -> dict[str, Any]:
     """Attempts until success, a final failure (raised), or the deadline. Fills ``result``."""
@@ -173,50 +175,91 @@ async def run_attempts(
                 and not sp.action.idempotency_header
             ),
         )
-        try:
-            response = await transport.send(
-                request, connection=connection, tenant_id=ctx.tenant_id, timeout_s=timeout_ms / 1000
+        with (span or NOOP_STEP_SPAN).attempt(request.method, request.url, attempt) as trace:
+            outcome = await _attempt(
+                sp,
+                ctx,
+                request,
+                connection=connection,
+                transport=transport,
+                reporter=reporter,
+                clock=clock,
+                schemas=schemas,
+                record=record,
+                started_ms=now,
+                timeout_ms=timeout_ms,
+                cut_by_deadline=cut_by_deadline,
+                trace=trace,
             )
-            record.status = response.status
-            if 200 <= response.status < 300:
-                output = response_output(sp, response, schemas)
-                record.duration_ms = clock.now_ms() - now
-                await reporter.attempt_done(record)
-                return output
-            raise StepHTTPError(
-                f"{sp.action.method} answered {response.status}",
-                status=response.status,
-                retry_after_s=parse_retry_after_s(
-                    response.headers.get("retry-after"), clock.now_ms()
-                ),
-            )
-        except RunnerError as err:
-            if err.code == ErrorCode.TIMEOUT and cut_by_deadline:
-                err = WorkflowTimeout(f"the run's deadline passed during attempt {attempt}")
-            record.error = err
-            record.duration_ms = clock.now_ms() - now
-            if err.code in (ErrorCode.WORKFLOW_TIMEOUT,):
-                await reporter.attempt_done(record)
-                raise err from None
-            decision = decide(
-                sp.policy,
-                attempt,
-                err,
-                now_ms=clock.now_ms(),
-                deadline_ms=ctx.deadline_ms,
-                random=clock.random,
-            )
-            record.decision = decision
+        if not isinstance(outcome, RetryDecision):
+            return outcome
+        assert record.error is not None
+        may_have_reached_server = may_have_reached_server or _may_have_reached(record.error)
+        if outcome.delay_ms > ctx.long_wait_ms:
+            raise Deferral(clock.now_ms() + outcome.delay_ms, attempt + 1)
+        await clock.sleep(outcome.delay_ms / 1000)
+        attempt += 1
+
+
+async def _attempt(
+    sp: StepPlan,
+    ctx: RunContext,
+    request: HttpRequest,
+    *,
+    connection: Connection | None,
+    transport: Transport,
+    reporter: Reporter,
+    clock: Clock,
+    schemas: PlanSchemas | None,
+    record: Attempt,
+    started_ms: int,
+    timeout_ms: int,
+    cut_by_deadline: bool,
+    trace: AttemptSpan,
+) -> dict[str, Any] | RetryDecision:
+    """One attempt: its output, or the decision to retry; a final failure is raised."""
+    try:
+        response = await transport.send(
+            request, connection=connection, tenant_id=ctx.tenant_id, timeout_s=timeout_ms / 1000
+        )
+        trace.response(response.status)
+        record.status = response.status
+        if 200 <= response.status < 300:
+            output = response_output(sp, response, schemas)
+            record.duration_ms = clock.now_ms() - started_ms
             await reporter.attempt_done(record)
-            if not decision.retry:
-                if decision.reason == "deadline":
-                    raise WorkflowTimeout(decision.message) from None
-                raise err from None
-            may_have_reached_server = may_have_reached_server or _may_have_reached(err)
-            if decision.delay_ms > ctx.long_wait_ms:
-                raise Deferral(clock.now_ms() + decision.delay_ms, attempt + 1) from None
-            await clock.sleep(decision.delay_ms / 1000)
-            attempt += 1
+            return output
+        raise StepHTTPError(
+            f"{sp.action.method} answered {response.status}",
+            status=response.status,
+            retry_after_s=parse_retry_after_s(response.headers.get("retry-after"), clock.now_ms()),
+        )
+    except RunnerError as caught:
+        err = caught
+        if err.code == ErrorCode.TIMEOUT and cut_by_deadline:
+            err = WorkflowTimeout(f"the run's deadline passed during attempt {record.number}")
+        record.error = err
+        record.duration_ms = clock.now_ms() - started_ms
+        if err.code == ErrorCode.WORKFLOW_TIMEOUT:
+            trace.error(str(err.code), None)
+            await reporter.attempt_done(record)
+            raise err from None
+        decision = decide(
+            sp.policy,
+            record.number,
+            err,
+            now_ms=clock.now_ms(),
+            deadline_ms=ctx.deadline_ms,
+            random=clock.random,
+        )
+        record.decision = decision
+        trace.error(str(err.code), decision.delay_ms if decision.retry else None)
+        await reporter.attempt_done(record)
+        if decision.retry:
+            return decision
+        if decision.reason == "deadline":
+            raise WorkflowTimeout(decision.message) from None
+        raise err from None
 
 
 def _may_have_reached(err: RunnerError) -> bool:

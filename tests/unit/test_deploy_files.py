@@ -361,8 +361,8 @@ def test_the_status_sink_is_started_as_its_package_says(
     entry = re.search(r"exec (node \S+)", script)
     assert entry is not None
     # compose runs node directly (npm's sh would swallow SIGTERM): it must be the same entry.
-    assert entry.group(1) == start
-    assert (sink / start.split()[1]).is_file()
+    assert entry.group(1) == start.removeprefix("exec ")
+    assert (sink / start.removeprefix("exec ").split()[1]).is_file()
 
 
 def test_the_collector_healthcheck_and_sink_healthcheck_are_well_formed(

@@ -1,0 +1,254 @@
+"""One trace from the Node control plane to the runner's HTTP attempts, over real OTLP/HTTP.
+
+Given a Node producer that adds a job with ``bullmq-otel`` (so BullMQ writes the W3C carrier into
+the job's opts ``tm``), when the runner's telemetry, configured only by ``OTEL_*`` variables,
+traces a run of that job read back with the Python ``bullmq`` Queue, then the spans an OTLP/HTTP
+receiver inside the test decodes form one trace under the producer's trace id, nested
+producer → run → step → attempts, and no exported byte holds the secret in the step's URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from bullmq import Queue
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from runner import telemetry
+from tests.conftest import REDIS_URL, start_server
+
+ROOT = Path(__file__).resolve().parents[2]
+OTEL_PRODUCER = ROOT / "tests" / "node" / "otel-producer.mjs"
+CANARY = "tm-c4n4ry-9f3e"
+
+
+@dataclass
+class OtlpReceiver:
+    """An OTLP/HTTP collector reduced to what the test reads: decoded requests and raw bodies."""
+
+    url: str = ""
+    bodies: list[bytes] = field(default_factory=list)
+    traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
+    metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
+
+    async def on_traces(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self.traces.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+        reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=reply, content_type="application/x-protobuf")
+
+    async def on_metrics(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self.metrics.append(metrics_service_pb2.ExportMetricsServiceRequest.FromString(body))
+        reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+        return web.Response(body=reply, content_type="application/x-protobuf")
+
+    async def _body(self, request: web.Request) -> bytes:
+        assert request.content_type == "application/x-protobuf", request.content_type
+        body = await request.read()  # aiohttp undoes a gzip/deflate Content-Encoding
+        self.bodies.append(body)
+        return body
+
+    def spans(self) -> list[tuple[dict[str, Any], Span]]:
+        """Every exported span with its resource's attributes."""
+        out = []
+        for req in self.traces:
+            for rs in req.resource_spans:
+                resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    out.extend((resource, span) for span in ss.spans)
+        return out
+
+    def metric_points(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for req in self.metrics:
+            for rm in req.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        kind = m.WhichOneof("data")
+                        out.setdefault(m.name, []).extend(getattr(m, kind).data_points)
+        return out
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+
+
+def _attrs(span: Span) -> dict[str, Any]:
+    return {a.key: _value(a.value) for a in span.attributes}
+
+
+@pytest.fixture
+async def otlp_receiver() -> AsyncIterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    app = web.Application()
+    app.router.add_post("/v1/traces", receiver.on_traces)
+    app.router.add_post("/v1/metrics", receiver.on_metrics)
+    runner, receiver.url = await start_server(app)
+    yield receiver
+    await runner.cleanup()
+
+
+async def otel_producer(spec: dict[str, Any], timeout_s: float = 60) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(OTEL_PRODUCER),
+        "-",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout_s)
+    assert proc.returncode == 0, f"otel producer failed: {err.decode()}"
+    report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return report
+
+
+async def test_runner_spans_continue_the_node_producers_trace(
+    otlp_receiver: OtlpReceiver, clean_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given: the runner's environment names only the OTLP endpoint (and a service name); no other
+    # OTEL_* setting of the machine leaks in.
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "runner-under-test")
+    # Metrics leave on shutdown only, so the test reads one complete export.
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")
+
+    # Given: a traced Node producer added the job.
+    run_id = f"run_{uuid.uuid4().hex[:10]}"
+    produced = await otel_producer(
+        {
+            "redis": REDIS_URL,
+            "queue": clean_queue,
+            "jobs": [
+                {
+                    "name": "workflow_run",
+                    "data": {
+                        "workflowRunId": run_id,
+                        "workflowVersionId": "wfv_otel",
+                        "tenantId": "ten_otel",
+                        "input": {},
+                    },
+                    "opts": {"jobId": run_id},
+                }
+            ],
+        }
+    )
+    assert produced["ids"] == [run_id]
+    (producer_span,) = [s for s in produced["spans"] if s["kind"] == "PRODUCER"]
+    assert producer_span["traceId"] == produced["traceId"]
+
+    # When: the runner reads the job the way it consumes it and traces one run of it, whose one
+    # step makes two attempts to a URL carrying a secret in its userinfo, query and fragment.
+    queue = Queue(clean_queue, {"connection": REDIS_URL})
+    try:
+        job = await queue.getJob(run_id)
+    finally:
+        await queue.close()
+    assert job is not None
+    carrier_json = job.opts["tm"]
+    assert json.loads(carrier_json)["traceparent"].split("-")[1:3] == [
+        produced["traceId"],
+        producer_span["spanId"],
+    ]
+    tel = telemetry.from_env(queue_name=clean_queue)
+    assert tel.enabled
+    secret_url = (
+        f"https://svc:{CANARY}@api.example.test:8443/customers/42?api_key={CANARY}#{CANARY}"
+    )
+
+    async def run_step(run: telemetry.RunSpan) -> None:
+        with run.step("fetch_customer") as step:
+            with step.attempt("GET", secret_url, 1) as attempt:
+                attempt.response(503)
+                attempt.error("HTTP_ERROR", 200)
+            with step.attempt("GET", secret_url, 2) as attempt:
+                attempt.response(200)
+            step.end("SUCCESS", 2, 230, None)
+
+    queue_wait_ms = int(time.time() * 1000) - job.timestamp
+    with tel.run_span(
+        carrier_json=carrier_json,
+        run_id=job.data["workflowRunId"],
+        tenant_id=job.data["tenantId"],
+        version_id=job.data["workflowVersionId"],
+        job_id=job.id,
+        queue_wait_ms=queue_wait_ms,
+    ) as run:
+        # The engine runs each step as its own task.
+        await asyncio.create_task(run_step(run))
+        run.end("SUCCESS", None)
+    # Blocking flush: off the loop, so the receiver on this loop can answer it.
+    await asyncio.to_thread(tel.shutdown)
+
+    # Then: one trace under the producer's trace id, nested producer → run → step → attempts.
+    spans = otlp_receiver.spans()
+    assert len(spans) == 4, [s.name for _, s in spans]
+    assert {s.trace_id.hex() for _, s in spans} == {produced["traceId"]}
+    assert {r["service.name"] for r, _ in spans} == {"runner-under-test"}
+    by_kind: dict[int, list[Span]] = {}
+    for _, s in spans:
+        by_kind.setdefault(s.kind, []).append(s)
+    (run_span,) = by_kind[Span.SPAN_KIND_CONSUMER]
+    (step_span,) = by_kind[Span.SPAN_KIND_INTERNAL]
+    attempts = sorted(by_kind[Span.SPAN_KIND_CLIENT], key=lambda s: s.start_time_unix_nano)
+    assert len(attempts) == 2
+
+    assert run_span.name == "workflow_run wfv_otel"
+    assert run_span.parent_span_id.hex() == producer_span["spanId"]
+    assert _attrs(run_span) | {"workflow.queue_wait_ms": None} == {
+        "messaging.system": "bullmq",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": clean_queue,
+        "messaging.message.id": run_id,
+        "workflow.run_id": run_id,
+        "workflow.tenant_id": "ten_otel",
+        "workflow.version_id": "wfv_otel",
+        "workflow.queue_wait_ms": None,
+        "workflow.run.status": "SUCCESS",
+    }
+    assert step_span.name == "step fetch_customer"
+    assert step_span.parent_span_id == run_span.span_id
+    for attempt in attempts:
+        assert attempt.name == "GET"
+        assert attempt.parent_span_id == step_span.span_id
+    first, second = (_attrs(a) for a in attempts)
+    assert first["url.full"] == second["url.full"] == "https://api.example.test:8443/customers/42"
+    assert (first["server.address"], first["server.port"]) == ("api.example.test", 8443)
+    assert (first["http.response.status_code"], first["error.type"]) == (503, "503")
+    assert "http.request.resend_count" not in first
+    assert (second["http.response.status_code"], second["http.request.resend_count"]) == (200, 1)
+    assert "error.type" not in second
+
+    # Then: the metrics of the run arrived at the same receiver.
+    points = otlp_receiver.metric_points()
+    runs = [(_point_attrs(p), p.as_int) for p in points["workflow.runs"]]
+    assert runs == [({"workflow.run.status": "SUCCESS"}, 1)]
+    assert [p.as_int for p in points["workflow.step.attempts"]] == [2]
+    assert [p.as_int for p in points["workflow.step.retries"]] == [1]
+    assert [(p.count, p.sum) for p in points["workflow.step.duration"]] == [(1, 230)]
+    assert [p.count for p in points["workflow.queue.wait"]] == [1]
+
+    # Then: the secret is in no exported byte (span, resource or metric).
+    assert otlp_receiver.bodies
+    assert all(CANARY.encode() not in body for body in otlp_receiver.bodies)
+
+
+def _point_attrs(point: Any) -> dict[str, Any]:
+    return {a.key: _value(a.value) for a in point.attributes}
