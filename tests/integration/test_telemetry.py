@@ -252,3 +252,82 @@ async def test_runner_spans_continue_the_node_producers_trace(
 
 def _point_attrs(point: Any) -> dict[str, Any]:
     return {a.key: _value(a.value) for a in point.attributes}
+
+
+async def test_a_real_runner_traces_a_node_produced_run_under_the_producers_trace(
+    otlp_receiver: OtlpReceiver, clean_queue: str, runner_process: Any, serve: Any, redis: Any
+) -> None:
+    # Given: a target that fails once then answers, and a runner configured only by OTEL_*.
+    answers = iter([503, 200])
+
+    async def target(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, status=next(answers, 200))
+
+    app = web.Application()
+    app.router.add_get("/thing", target)
+    base = await serve(app)
+    clean_env = {n: "" for n in os.environ if n.startswith("OTEL_")}
+    await runner_process(
+        **clean_env,
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver.url,
+        OTEL_SERVICE_NAME="runner-process",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    run_id = f"run_{uuid.uuid4().hex[:10]}"
+    version = {
+        "id": "wfv_traced",
+        "graph": {"steps": [{"key": "fetch", "actionId": "get"}]},
+        "actions": {
+            "get": {
+                "id": "get",
+                "method": "GET",
+                "endpointTemplate": f"{base}/thing",
+                "retryStrategy": "FIXED",
+                "maxAttempts": 2,
+                "initialDelayMs": 10,
+            }
+        },
+    }
+    # When: a traced Node producer adds the job and the runner runs it.
+    produced = await otel_producer(
+        {
+            "redis": REDIS_URL,
+            "queue": clean_queue,
+            "jobs": [
+                {
+                    "name": "workflow_run",
+                    "data": {
+                        "workflowRunId": run_id,
+                        "workflowVersionId": "wfv_traced",
+                        "tenantId": "ten_otel",
+                        "input": {},
+                        "workflowVersion": version,
+                    },
+                    "opts": {"jobId": run_id},
+                }
+            ],
+        }
+    )
+    (producer_span,) = [s for s in produced["spans"] if s["kind"] == "PRODUCER"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if await redis.zscore(f"bull:{clean_queue}:completed", run_id) is not None:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the traced run did not complete")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(otlp_receiver.spans()) < 4:
+        await asyncio.sleep(0.05)
+
+    # Then: run, step and both attempts are one trace under the producer's span.
+    spans = [s for _, s in otlp_receiver.spans()]
+    assert {s.trace_id.hex() for s in spans} == {produced["traceId"]}
+    (run_span,) = [s for s in spans if s.kind == Span.SPAN_KIND_CONSUMER]
+    (step_span,) = [s for s in spans if s.kind == Span.SPAN_KIND_INTERNAL]
+    attempts = [s for s in spans if s.kind == Span.SPAN_KIND_CLIENT]
+    assert run_span.name == "workflow_run wfv_traced"
+    assert run_span.parent_span_id.hex() == producer_span["spanId"]
+    assert step_span.parent_span_id == run_span.span_id
+    assert len(attempts) == 2 and {a.parent_span_id for a in attempts} == {step_span.span_id}
+    assert sorted(_attrs(a)["http.response.status_code"] for a in attempts) == [200, 503]
