@@ -246,6 +246,9 @@ class Engine:
             res.next_attempt, res.resume_at_ms = deferral.next_attempt, deferral.resume_at_ms
             return res
         except RunnerError as err:
+            if not err.message.startswith(("$", f"{sp.key}:")):
+                # Say which step, so a failedReason or a run event reads on its own.
+                err.message = f"{sp.key}: {err.message}"
             res.status, res.error = "FAILED", err
             if res.attempts == 0:
                 # Failed before any request (template, definition): still one RUNNING event,

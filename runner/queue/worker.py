@@ -43,9 +43,14 @@ def redis_options(url: str, socket_timeout_s: float) -> dict[str, Any]:
     return opts
 
 
+def queue_client_name(prefix: str, queue: str) -> str:
+    """The client name Node BullMQ gives a queue's connections: the queue name in base64."""
+    return f"{prefix}:{base64.b64encode(queue.encode()).decode()}"
+
+
 def node_client_name(prefix: str, queue: str, worker_name: str) -> str:
     """The client name Node BullMQ gives a worker, which Bull Board's Workers tab looks for."""
-    return f"{prefix}:{base64.b64encode(queue.encode()).decode()}:w:{worker_name}"
+    return f"{queue_client_name(prefix, queue)}:w:{worker_name}"
 
 
 def _with_processed_by(worker: Worker, name: str) -> None:
@@ -90,6 +95,19 @@ def _with_processed_by(worker: Worker, name: str) -> None:
     scripts.moveToActive = move_to_active
 
 
+def _name_only_the_blocking_connection(worker: Worker, base_name: str) -> None:
+    """One entry per process in Bull Board's worker list, as with Node: the worker's name goes
+    on its blocking connection; the command connection gets the queue's base name."""
+    backend = worker.backend
+
+    async def set_name(name: str) -> None:
+        await backend.connection.set_client_name(base_name)
+        if backend.blocking_connection is not None:
+            await backend.blocking_connection.set_client_name(name)
+
+    backend.setName = set_name
+
+
 class QueueWorker:
     """Owns the bullmq Worker: start, the wrapped processor, the watchdog, a clean stop."""
 
@@ -122,6 +140,7 @@ class QueueWorker:
         )
         worker.clientName = node_client_name(s.queue_prefix, s.queue, self.name)
         _with_processed_by(worker, self.name)
+        _name_only_the_blocking_connection(worker, queue_client_name(s.queue_prefix, s.queue))
         worker.on("error", self._on_error)
         self.worker = worker
         return worker
@@ -153,7 +172,12 @@ class QueueWorker:
     async def _process(self, job: Any, token: str) -> Any:
         try:
             return await self.handler(job, token)
-        except (UnrecoverableError, DelayedError):
+        except UnrecoverableError:
+            # A run that failed by its own logic: the reason says it all, and a Python
+            # traceback of the runner's internals would only bury it in Bull Board.
+            job.updateStacktrace = lambda: None
+            raise
+        except DelayedError:
             raise
         except asyncio.CancelledError:
             # Never let a cancellation reach the worker loop: it would end it silently.

@@ -162,7 +162,9 @@ class RunReporter:
         )
 
     async def step_done(self, result: StepResult, attempt: int) -> None:
-        if result.status in ("SUCCESS", "FAILED", "SKIPPED", "CANCELED"):
+        # A CANCELED step did not complete: it neither moves the progress nor counts.
+        canceled = result.status == "CANCELED"
+        if not canceled:
             self.completed += 1
         error = result.error
         event = self._step_event(
@@ -176,18 +178,12 @@ class RunReporter:
         )
         checkpoint = {f"step:{result.key}": _encode(self.redact.value(_checkpoint_of(result)))}
         await self._publish(event, checkpoint)
-        await self.job.progress(
-            {
-                "progress": round(100 * self.completed / max(self.total_steps, 1)),
-                "stepKey": result.key,
-                "status": result.status,
-                "completedSteps": self.completed,
-                "totalSteps": self.total_steps,
-            }
-        )
+        if not canceled:
+            await self.job.progress(self._progress(result.key, result.status))
         text = f"{result.key} {result.status}"
         if result.status in ("SUCCESS", "FAILED"):
-            text += f" after {result.attempts} attempt(s) in {result.duration_ms} ms"
+            plural = "" if result.attempts == 1 else "s"
+            text += f" after {result.attempts} attempt{plural} in {result.duration_ms} ms"
         if error is not None:
             text += f": {error}"
         await self.job.log(self._line(text))
@@ -221,6 +217,10 @@ class RunReporter:
             ),
             None,
         )
+        if status != "SUCCESS":
+            # The last word in Bull Board's progress is the run's, not a canceled step's.
+            failed = next((k for k, s in steps.items() if s.status == "FAILED"), None)
+            await self.job.progress(self._progress(failed, status))
         text = f"run {status}" + (f": {error}" if error else "")
         await self.job.log(self._line(text))
         self._exec(
@@ -233,6 +233,15 @@ class RunReporter:
         self._exec("warning", message, context, step_key=context.get("stepKey"))
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _progress(self, step_key: str | None, status: str) -> dict[str, Any]:
+        return {
+            "progress": round(100 * self.completed / max(self.total_steps, 1)),
+            "stepKey": step_key,
+            "status": status,
+            "completedSteps": self.completed,
+            "totalSteps": self.total_steps,
+        }
 
     def _next(self) -> int:
         self.seq += 1
@@ -274,7 +283,8 @@ class RunReporter:
         await self.sink.publish(self.run_id, _encode(data), event.seq, checkpoint)
 
     def _line(self, text: str) -> str:
-        stamp = time.strftime("%H:%M:%S", time.gmtime(self.now_ms() / 1000))
+        now = self.now_ms()
+        stamp = time.strftime("%H:%M:%S", time.gmtime(now / 1000)) + f".{now % 1000:03d}Z"
         return self.redact.text(f"{stamp} {text}")
 
     def _exec(
