@@ -194,6 +194,7 @@ class OAuth2TokenManager:
         credentials_key: bytes | None,
         control_plane_url: str | None,
         control_session: aiohttp.ClientSession | None = None,
+        retired_token_retention_ms: int = 24 * 3_600_000,
         control_plane_token: str | None,
         skew_ms: int = 60_000,
         now_ms: Callable[[], int] = _wall_clock_ms,
@@ -208,6 +209,7 @@ class OAuth2TokenManager:
         # The control plane is trusted and exempt from the egress policy: it may be reached
         # through a session of its own, while token endpoints use the guarded one.
         self._control_session = control_session or session
+        self._retired_retention_ms = retired_token_retention_ms
         self._redis = redis
         self._key_prefix = key_prefix
         self._credentials_key = credentials_key
@@ -223,7 +225,8 @@ class OAuth2TokenManager:
         self._registry = secrets_registry
         self._tokens: dict[_Key, TokenSet] = {}
         self._locks: dict[_Key, asyncio.Lock] = {}
-        self._registered: dict[_Key, deque[int]] = {}
+        # Per connection: (registered at ms, SECRETS handle) of each token pair it has held.
+        self._registered: dict[_Key, deque[tuple[int, int]]] = {}
         self._unreported: dict[_Key, TokenSet] = {}
         self.refresh_count = 0
         self.report_failures = 0
@@ -334,10 +337,13 @@ class OAuth2TokenManager:
                 *([tokens.refresh_token] if tokens.refresh_token else []),
             ]
             handles = self._registered.setdefault(key, deque())
-            handles.append(self._registry.register(values))
-            # The previous pair may still be on a request in flight; older ones are dead.
-            while len(handles) > 2:
-                self._registry.unregister(handles.popleft())
+            now = self._now_ms()
+            handles.append((now, self._registry.register(values)))
+            # A superseded token may still be on a request in flight, or echoed in a response
+            # that arrives later, however often it was rotated since: keep masking it for the
+            # retention window (longer than any run), then forget it.
+            while len(handles) > 1 and now - handles[1][0] > self._retired_retention_ms:
+                self._registry.unregister(handles.popleft()[1])
 
     # --- refreshing -----------------------------------------------------------------------
 

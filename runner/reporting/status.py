@@ -173,7 +173,10 @@ class RunReporter:
             attempt,
             started_ms=result.started_ms,
             finished_ms=result.finished_ms,
-            output=preview(result.output) if result.status == "SUCCESS" else None,
+            # Redact before cutting: a secret split by the cut would escape the redactor.
+            output=preview(self.redact.value(result.output))
+            if result.status == "SUCCESS"
+            else None,
             error=error,
         )
         checkpoint = {f"step:{result.key}": _encode(self.redact.value(_checkpoint_of(result)))}

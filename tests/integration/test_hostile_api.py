@@ -63,7 +63,7 @@ async def test_a_50_mb_streamed_body_fails_response_too_large_with_flat_memory(
     assert record.error_code("fetch") == "RESPONSE_TOO_LARGE"
     error = record.outcome.steps["fetch"].error
     assert error is not None
-    assert error.message == "response from 127.0.0.1 is over the 1048576-byte limit"
+    assert error.message == "fetch: response from 127.0.0.1 is over the 1048576-byte limit"
     assert len(api.hits) == 1
     # and memory stayed flat: the body was never held whole
     assert peak_bytes < 8 * MiB, f"peak {peak_bytes / MiB:.1f} MiB"
@@ -173,7 +173,7 @@ async def test_a_step_aimed_at_cloud_metadata_is_egress_denied(serve: Any) -> No
     assert record.error_code("fetch") == "EGRESS_DENIED"
     error = record.outcome.steps["fetch"].error
     assert error is not None
-    assert error.message == "169.254.169.254 is link-local"
+    assert error.message == "fetch: 169.254.169.254 is link-local"
     assert record.outcome.steps["fetch"].attempts == 1
     assert record.sleeps_s == []
 
@@ -202,7 +202,7 @@ async def test_loopback_without_the_allow_list_is_egress_denied_and_nothing_arri
     # Then it fails EGRESS_DENIED and the server received nothing
     assert record.error_code("fetch") == "EGRESS_DENIED"
     error = record.outcome.steps["fetch"].error
-    assert error is not None and error.message == reason
+    assert error is not None and error.message == f"fetch: {reason}"
     assert api.hits == []
     assert record.outcome.steps["fetch"].attempts == 1
 
@@ -244,7 +244,7 @@ async def test_a_redirect_to_a_private_address_is_egress_denied(
     assert record.elapsed_s < 1.0, record.elapsed_s
     assert record.error_code("fetch") == "EGRESS_DENIED"
     error = record.outcome.steps["fetch"].error
-    assert error is not None and error.message == reason
+    assert error is not None and error.message == f"fetch: {reason}"
     assert [h.path for h in api.hits] == ["/start"]
 
 

@@ -237,7 +237,7 @@ async def test_400_fails_after_exactly_one_attempt_with_http_error(serve: Any) -
     assert doc["context"]["reason"] == "not-retryable"
     (failed,) = record.step_events("fetch", "FAILED")
     assert failed["errorCode"] == "HTTP_ERROR"
-    assert failed["errorMessage"] == "GET answered 400"
+    assert failed["errorMessage"] == "fetch: GET answered 400"
 
 
 async def test_a_hanging_request_times_out_and_the_retry_answers(serve: Any) -> None:

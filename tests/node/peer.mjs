@@ -69,7 +69,8 @@ async function run() {
       logs,
     };
   }
-  process.stdout.write(JSON.stringify({ ids, unfinished: [...pending], events: seen, jobs }) + '\n');
+  // Wait for the write: a report over the pipe's buffer would otherwise be cut by exit().
+  await new Promise((resolve) => process.stdout.write(JSON.stringify({ ids, unfinished: [...pending], events: seen, jobs }) + '\n', resolve));
   await events.close();
   await queue.close();
 }
