@@ -45,19 +45,6 @@ from runner.telemetry import NOOP, RunSpan, Telemetry
 _encode = msgspec.json.Encoder().encode
 
 
-class BullJobChannel:
-    """Progress and log lines of one BullMQ job."""
-
-    def __init__(self, job: Any) -> None:
-        self.job = job
-
-    async def progress(self, value: dict[str, Any]) -> None:
-        await self.job.updateProgress(value)
-
-    async def log(self, line: str) -> None:
-        await self.job.log(line)
-
-
 @dataclass(slots=True)
 class RunService:
     definitions: DefinitionStore
@@ -199,7 +186,7 @@ class RunService:
             worker_id=self.worker_id,
             total_steps=total_steps,
             sink=self.sink,
-            job=BullJobChannel(job),
+            keep_logs=int((job.opts or {}).get("keepLogs") or 0),
             execlog=self.execlog,
             redact=redactor,
             now_ms=self.clock.now_ms,
@@ -283,4 +270,4 @@ def _attempts_left(job: Any) -> bool:
     return int(job.attemptsMade) + 1 < int((job.opts or {}).get("attempts", 1) or 1)
 
 
-__all__ = ["BullJobChannel", "RunService", "asyncio"]
+__all__ = ["RunService"]

@@ -31,6 +31,17 @@ class Keys:
         """BullMQ's event stream of the queue (cancel-job events arrive here)."""
         return f"{self.base}:events"
 
+    # BullMQ's own keys, named here only to hand them to BullMQ's Lua scripts.
+
+    def job(self, job_id: str) -> str:
+        return f"{self.base}:{job_id}"
+
+    def job_logs(self, job_id: str) -> str:
+        return f"{self.base}:{job_id}:logs"
+
+    def meta(self) -> str:
+        return f"{self.base}:meta"
+
     def oauth2(self) -> str:
         """Prefix of the OAuth2 lease and sealed shared token keys."""
         return f"{self.base}"

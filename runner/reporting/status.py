@@ -1,11 +1,10 @@
 """A run's status, told everywhere it is watched (CONTRACT §6-7).
 
-``RunReporter`` is the engine's ``Reporter``. For each transition it writes, in this order:
-1. the status event on the Redis stream, in one transaction with the run's checkpoint (the
-   event's ``seq``, and for a finished step its result), so that a resumed run knows where it
-   stopped and never reuses a ``seq``;
-2. BullMQ job progress (on each finished step) and one ``job.log`` line;
-3. an execution-log line (MongoDB, or the in-memory twin).
+``RunReporter`` is the engine's ``Reporter``. For each transition it builds one ``Transition`` and awaits it: the status event with the
+run's checkpoint fields (the event's ``seq``, and for a finished step its result), BullMQ job
+progress (when a step or the run ends) and its ``job.log`` lines; ``runner.reporting.stream``
+writes it in one transaction, batched with other runs'. Execution-log lines go to their own
+buffered sink (MongoDB, stdout, or the in-memory twin).
 
 Everything passes through the run's redactor before it leaves the process. ``seq`` rises
 strictly within a run: the counter starts above the checkpoint's last published value.
@@ -23,6 +22,7 @@ from runner.contract import RunEvent, StepEvent
 from runner.engine.ports import Attempt, RunStatus, StepResult
 from runner.errors import RunnerError
 from runner.reporting.execlog import ExecutionLog, LogLine
+from runner.reporting.stream import Transition
 
 PREVIEW_LIMIT_BYTES = 16 * 1024
 
@@ -30,17 +30,10 @@ _encode = msgspec.json.Encoder().encode
 
 
 class StatusSink(Protocol):
-    async def publish(
-        self, run_id: str, event: bytes, seq: int, checkpoint: dict[str, bytes] | None
-    ) -> None:
-        """Append the event to the stream and record ``seq`` (and ``checkpoint`` fields) on
-        the run, atomically. Retries through short outages; raises if it cannot."""
+    async def write(self, transition: Transition) -> None:
+        """Write the transition (all of it, atomically for its event and checkpoint); retries
+        through short outages; raises if it cannot."""
         ...
-
-
-class JobChannel(Protocol):
-    async def progress(self, value: dict[str, Any]) -> None: ...
-    async def log(self, line: str) -> None: ...
 
 
 class Redact(Protocol):
@@ -80,7 +73,7 @@ class RunReporter:
         worker_id: str,
         total_steps: int,
         sink: StatusSink,
-        job: JobChannel,
+        keep_logs: int = 0,
         execlog: ExecutionLog,
         redact: Redact,
         now_ms: Callable[[], int],
@@ -94,7 +87,7 @@ class RunReporter:
         self.worker_id = worker_id
         self.total_steps = total_steps
         self.sink = sink
-        self.job = job
+        self.keep_logs = keep_logs
         self.execlog = execlog
         self.redact = redact
         self.now_ms = now_ms
@@ -118,13 +111,16 @@ class RunReporter:
                 started_at=started_ms,
             ),
             {"startedAt": str(started_ms).encode()},
+            lines=(f"run RUNNING ({self.total_steps} steps)",),
         )
-        await self.job.log(self._line(f"run RUNNING ({self.total_steps} steps)"))
         self._exec("info", "run started", {"totalSteps": self.total_steps})
 
     async def step_running(self, key: str, attempt: int, started_ms: int) -> None:
-        await self._publish(self._step_event(key, "RUNNING", attempt, started_ms=started_ms), None)
-        await self.job.log(self._line(f"{key} RUNNING attempt {attempt}"))
+        await self._publish(
+            self._step_event(key, "RUNNING", attempt, started_ms=started_ms),
+            None,
+            lines=(f"{key} RUNNING attempt {attempt}",),
+        )
 
     async def attempt_done(self, attempt: Attempt) -> None:
         outcome = str(attempt.status) if attempt.status is not None else None
@@ -152,7 +148,14 @@ class RunReporter:
             text = f"{attempt.step_key} attempt {attempt.number} failed: {attempt.error}"
             if attempt.decision is not None:
                 text += f"; {attempt.decision.message}"
-            await self.job.log(self._line(text))
+            await self.sink.write(
+                Transition(
+                    self.run_id,
+                    self.job_id,
+                    log_lines=(self._line(text),),
+                    keep_logs=self.keep_logs,
+                )
+            )
         self._exec(
             "info" if attempt.error is None else "warning",
             f"attempt {attempt.number} {outcome} in {attempt.duration_ms} ms",
@@ -180,16 +183,14 @@ class RunReporter:
             error=error,
         )
         checkpoint = {f"step:{result.key}": _encode(self.redact.value(_checkpoint_of(result)))}
-        await self._publish(event, checkpoint)
-        if not canceled:
-            await self.job.progress(self._progress(result.key, result.status))
         text = f"{result.key} {result.status}"
         if result.status in ("SUCCESS", "FAILED"):
             plural = "" if result.attempts == 1 else "s"
             text += f" after {result.attempts} attempt{plural} in {result.duration_ms} ms"
         if error is not None:
             text += f": {error}"
-        await self.job.log(self._line(text))
+        progress = None if canceled else self._progress(result.key, result.status)
+        await self._publish(event, checkpoint, progress=progress, lines=(text,))
         self._exec(
             "error" if result.status == "FAILED" else "info",
             f"step {result.status}",
@@ -202,6 +203,11 @@ class RunReporter:
         self, status: RunStatus, error: RunnerError | None, steps: dict[str, StepResult]
     ) -> None:
         now = self.now_ms()
+        progress = None
+        if status != "SUCCESS":
+            # The last word in Bull Board's progress is the run's, not a canceled step's.
+            failed = next((k for k, s in steps.items() if s.status == "FAILED"), None)
+            progress = self._progress(failed, status)
         summary = {k: {"status": s.status, "attempts": s.attempts} for k, s in steps.items()}
         await self._publish(
             RunEvent(
@@ -219,13 +225,9 @@ class RunReporter:
                 error_message=error.message if error else None,
             ),
             None,
+            progress=progress,
+            lines=(f"run {status}" + (f": {error}" if error else ""),),
         )
-        if status != "SUCCESS":
-            # The last word in Bull Board's progress is the run's, not a canceled step's.
-            failed = next((k for k, s in steps.items() if s.status == "FAILED"), None)
-            await self.job.progress(self._progress(failed, status))
-        text = f"run {status}" + (f": {error}" if error else "")
-        await self.job.log(self._line(text))
         self._exec(
             "error" if status == "FAILED" else "info",
             f"run {status}",
@@ -280,10 +282,27 @@ class RunReporter:
         )
 
     async def _publish(
-        self, event: RunEvent | StepEvent, checkpoint: dict[str, bytes] | None
+        self,
+        event: RunEvent | StepEvent,
+        checkpoint: dict[str, bytes] | None,
+        *,
+        progress: dict[str, Any] | None = None,
+        lines: tuple[str, ...] = (),
     ) -> None:
+        """One transition: the event with its checkpoint fields, progress and log lines."""
         data = self.redact.value(msgspec.to_builtins(event))
-        await self.sink.publish(self.run_id, _encode(data), event.seq, checkpoint)
+        await self.sink.write(
+            Transition(
+                self.run_id,
+                self.job_id,
+                event=_encode(data),
+                seq=event.seq,
+                checkpoint=checkpoint,
+                progress=_encode(progress) if progress is not None else None,
+                log_lines=tuple(self._line(text) for text in lines),
+                keep_logs=self.keep_logs,
+            )
+        )
 
     def _line(self, text: str) -> str:
         now = self.now_ms()

@@ -22,7 +22,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -97,16 +97,18 @@ class RecordingClock(SystemClock):
 
 @dataclass
 class RecordingJob:
-    """The BullMQ job channel, in memory: progress values and ``job.log`` lines in order."""
+    """What BullMQ's job received, read back from the in-memory status sink."""
 
-    progress_values: list[dict[str, Any]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    sink: MemoryStatusSink
+    job_id: str
 
-    async def progress(self, value: dict[str, Any]) -> None:
-        self.progress_values.append(value)
+    @property
+    def progress_values(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.sink.progress.get(self.job_id, [])]
 
-    async def log(self, line: str) -> None:
-        self.lines.append(line)
+    @property
+    def lines(self) -> list[str]:
+        return list(self.sink.logs.get(self.job_id, []))
 
 
 @dataclass
@@ -170,7 +172,7 @@ async def run_workflow(
             follow_redirects=follow_redirects,
         )
         sink = MemoryStatusSink()
-        job = RecordingJob()
+        job = RecordingJob(sink, run_id)
         redactor = Redactor()
         execlog = MemoryExecutionLog(redact=redactor.value)
         reporter = RunReporter(
@@ -181,7 +183,6 @@ async def run_workflow(
             worker_id="it-worker",
             total_steps=len(plan.steps),
             sink=sink,
-            job=job,
             execlog=execlog,
             redact=redactor,
             now_ms=clock.now_ms,

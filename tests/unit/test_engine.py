@@ -137,14 +137,18 @@ def json_reply(status: int = 200, body: Any = None) -> HttpResponse:
 
 @dataclass
 class RecordingJob:
-    progress_values: list[dict[str, Any]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    """What BullMQ's job received, read back from the in-memory status sink."""
 
-    async def progress(self, value: dict[str, Any]) -> None:
-        self.progress_values.append(value)
+    sink: MemoryStatusSink
+    job_id: str
 
-    async def log(self, line: str) -> None:
-        self.lines.append(line)
+    @property
+    def progress_values(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.sink.progress.get(self.job_id, [])]
+
+    @property
+    def lines(self) -> list[str]:
+        return list(self.sink.logs.get(self.job_id, []))
 
 
 # --- building runs ------------------------------------------------------------------------
@@ -212,7 +216,8 @@ async def run(
     before: Callable[[], Awaitable[None]] | None = None,
 ) -> Run:
     clock = clock or FakeClock()
-    sink, job = MemoryStatusSink(), RecordingJob()
+    sink = MemoryStatusSink()
+    job = RecordingJob(sink, RUN)
     restored = restored or {}
     reporter = RunReporter(
         run_id=RUN,
@@ -222,7 +227,6 @@ async def run(
         worker_id="w1",
         total_steps=len(plan.steps),
         sink=sink,
-        job=job,
         execlog=MemoryExecutionLog(),
         redact=Redactor(),
         now_ms=clock.now_ms,

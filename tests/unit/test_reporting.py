@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -17,7 +17,7 @@ from runner.redact import REDACTED, Redactor
 from runner.reporting.checkpoint import parse_checkpoint
 from runner.reporting.execlog import MemoryExecutionLog
 from runner.reporting.status import PREVIEW_LIMIT_BYTES, RunReporter, preview
-from runner.reporting.stream import MemoryStatusSink
+from runner.reporting.stream import MemoryStatusSink, Transition
 from runner.retry import RetryDecision
 
 RUN = "run_8f2c"
@@ -30,16 +30,18 @@ STEP_FIELDS = {"stepKey", "stepRunId", "attempt"}
 
 @dataclass
 class RecordingJob:
-    """The JobChannel's in-memory twin: what BullMQ would have received."""
+    """What BullMQ's job received, read back from the in-memory status sink."""
 
-    progress_values: list[dict[str, Any]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    sink: MemoryStatusSink
+    job_id: str
 
-    async def progress(self, value: dict[str, Any]) -> None:
-        self.progress_values.append(value)
+    @property
+    def progress_values(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.sink.progress.get(self.job_id, [])]
 
-    async def log(self, line: str) -> None:
-        self.lines.append(line)
+    @property
+    def lines(self) -> list[str]:
+        return list(self.sink.logs.get(self.job_id, []))
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Harness:
 def harness(*, total_steps: int = 3, last_seq: int = 0, completed_steps: int = 0) -> Harness:
     redactor = Redactor([SECRET])
     sink = MemoryStatusSink()
-    job = RecordingJob()
+    job = RecordingJob(sink, RUN)
     execlog = MemoryExecutionLog(redact=redactor.value)
     reporter = RunReporter(
         run_id=RUN,
@@ -80,7 +82,6 @@ def harness(*, total_steps: int = 3, last_seq: int = 0, completed_steps: int = 0
         worker_id="w1",
         total_steps=total_steps,
         sink=sink,
-        job=job,
         execlog=execlog,
         redact=redactor,
         now_ms=Ticker(),
@@ -173,14 +174,15 @@ async def test_given_a_resume_when_reported_then_seq_continues_above_the_last_on
 async def test_given_every_event_when_published_then_the_checkpoint_seq_follows_it() -> None:
     h = harness(last_seq=5)
     seen: list[bytes] = []
-    publish = h.sink.publish
+    write = h.sink.write
 
-    async def spy(run_id: str, event: bytes, seq: int, checkpoint: dict[str, bytes] | None) -> None:
-        await publish(run_id, event, seq, checkpoint)
-        assert json.loads(event)["seq"] == seq
-        seen.append(h.sink.runs[run_id]["seq"])
+    async def spy(transition: Transition) -> None:
+        await write(transition)
+        if transition.event is not None:
+            assert json.loads(transition.event)["seq"] == transition.seq
+            seen.append(h.sink.runs[transition.run_id]["seq"])
 
-    h.sink.publish = spy  # type: ignore[method-assign]
+    h.sink.write = spy  # type: ignore[method-assign]
 
     await a_short_run(h)
 
