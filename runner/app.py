@@ -223,7 +223,11 @@ def _safe_url(url: str) -> str:
 
 
 def run(settings: Settings) -> int:
-    return asyncio.run(serve(settings))
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps a dev box working
+        return asyncio.run(serve(settings))
+    return uvloop.run(serve(settings))
 
 
 __all__ = ["Any", "Runtime", "build", "run", "serve"]

@@ -39,7 +39,7 @@ from runner.redact import SECRETS, LayeredRedactor, Redactor
 from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
 from runner.reporting.status import RunReporter, StatusSink
-from runner.reporting.stream import load_checkpoint
+from runner.reporting.stream import load_run_state
 from runner.telemetry import NOOP, RunSpan, Telemetry
 
 _encode = msgspec.json.Encoder().encode
@@ -94,9 +94,10 @@ class RunService:
         """Load, resolve and run. A failure before the first step (definition, credentials,
         input) is reported and returned as a FAILED outcome, unless it is an infrastructure
         failure with job attempts left: then BullMQ retries the job."""
-        checkpoint = parse_checkpoint(
-            await load_checkpoint(self.redis, self.keys, data.workflow_run_id)
+        raw_checkpoint, cancel_reason = await load_run_state(
+            self.redis, self.keys, data.workflow_run_id
         )
+        checkpoint = parse_checkpoint(raw_checkpoint)
         redactor = Redactor(self.process_secrets)
         reporter = self._reporter(job, data, redactor, checkpoint, total_steps=0)
         handle = None
@@ -115,9 +116,11 @@ class RunService:
             reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
             ctx = self._context(job, data, plan, checkpoint, connections, secrets)
             ctx.trace = span
-            reason = await self.cancels.requested(data.workflow_run_id)
-            if reason is not None:
-                return await self._canceled_before_start(plan, reporter, ctx, reason), redactor
+            if cancel_reason is not None:
+                return (
+                    await self._canceled_before_start(plan, reporter, ctx, cancel_reason),
+                    redactor,
+                )
             return await self._run_engine(plan, ctx, reporter), redactor
         except RunnerError as err:
             if err.retryable and _attempts_left(job):

@@ -2,7 +2,8 @@
 
 The control plane sets ``{prefix}:{queue}:cancel:{runId}`` (the reason, with an expiry) and
 publishes a ``cancel-job`` event on the queue's event stream. The key covers a cancel that
-arrives before the run starts or while no worker listens: it is read before the first request.
+arrives before the run starts or while no worker listens: it is read with the run's checkpoint
+before the first request (``runner.reporting.stream.load_run_state``).
 The event makes a running run stop at once: one reader per process follows the event stream
 (``XREAD BLOCK`` on its own connection) and resolves the future of the run it names.
 """
@@ -30,13 +31,6 @@ class CancelWatch:
         self.block_ms = block_ms
         self._waiting: dict[str, asyncio.Future[str]] = {}
         self._task: asyncio.Task[None] | None = None
-
-    async def requested(self, run_id: str) -> str | None:
-        value = await self.client.get(self.keys.cancel(run_id))
-        if value is None:
-            return None
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-        return text or "canceled"
 
     @contextlib.contextmanager
     def watch(self, run_id: str) -> Iterator[CancelFuture]:

@@ -201,6 +201,17 @@ class MemoryStatusSink:
             self.logs.setdefault(t.job_id, []).extend(t.log_lines)
 
 
-async def load_checkpoint(client: aioredis.Redis, keys: Keys, run_id: str) -> dict[bytes, bytes]:
-    raw: Any = await client.hgetall(keys.run(run_id))
-    return dict(raw)
+async def load_run_state(
+    client: aioredis.Redis, keys: Keys, run_id: str
+) -> tuple[dict[bytes, bytes], str | None]:
+    """What a run needs before it starts, in one round trip: its checkpoint hash and the reason
+    of a cancel requested before it started (CONTRACT §8), if any."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.run(run_id))
+    pipe.get(keys.cancel(run_id))
+    checkpoint, cancel = await pipe.execute()
+    reason = None
+    if cancel is not None:
+        reason = cancel.decode("utf-8", "replace") if isinstance(cancel, bytes) else str(cancel)
+        reason = reason or "canceled"
+    return dict(checkpoint), reason
