@@ -11,6 +11,9 @@ FIELD-NOTES lists them; each has its answer here:
   closing, and the process exits non-zero so that its supervisor restarts it.
 - Bull Board lists workers by client name ``{prefix}:{base64(queue)}:w:{name}`` and shows
   ``processedBy``, which the stock Python worker does not send: both are set as Node does.
+- The stock worker completes a job and then asks for the next in a second round trip; Node's
+  asks BullMQ's ``moveToFinished`` to hand over the next job in the same call. So does this one
+  (``FetchNextWorker``), on the same Lua script.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 from bullmq import Worker
-from bullmq.custom_errors import DelayedError, UnrecoverableError
+from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
 from redis.asyncio.connection import parse_url
 
 from runner.log import log
@@ -95,6 +98,79 @@ def _with_processed_by(worker: Worker, name: str) -> None:
     scripts.moveToActive = move_to_active
 
 
+class FetchNextWorker(Worker):  # type: ignore[misc]
+    """``Worker`` whose completion fetches the next job in the same ``moveToFinished`` call.
+
+    The slot (the task the worker loop awaits) goes straight on with the job it received, with
+    the same lock token, as Node's worker does; when the queue is empty, closing or paused,
+    the slot ends and the loop's ordinary fetch takes over.
+    """
+
+    async def processJob(self, job: Any, token: str) -> None:
+        while job is not None:
+            job = await self._process_one(job, token)
+
+    async def _process_one(self, job: Any, token: str) -> Any:
+        """The stock ``processJob`` with ``fetch_next`` on success; returns the next job."""
+        next_job = None
+        try:
+            if "removeOnComplete" not in job.opts and "removeOnComplete" in self.opts:
+                job.opts["removeOnComplete"] = self.opts["removeOnComplete"]
+            if "removeOnFail" not in job.opts and "removeOnFail" in self.opts:
+                job.opts["removeOnFail"] = self.opts["removeOnFail"]
+            self.jobs.add((job, token))
+            self.lockManager.track_job(
+                job.id, token, int(time.time() * 1000), should_create_controller=False
+            )
+            if job.deferredFailure:
+                await job.moveToFailed(UnrecoverableError(job.deferredFailure), token)
+                self.emit("failed", job, UnrecoverableError(job.deferredFailure))
+                return None
+            result = await self.processor(job, token)
+            if not self.forceClosing:
+                fetch = not (self.closing or self.paused)
+                moved = await self.backend.moveToCompleted(
+                    job, result, job.opts.get("removeOnComplete", False), token, fetch_next=fetch
+                )
+                job.returnvalue = result
+                job.attemptsMade = job.attemptsMade + 1
+                raw = moved.get("result") if isinstance(moved, dict) else None
+                if fetch and raw:
+                    next_job = await self.nextJobFromJobData(*raw, token)
+            self.emit("completed", job, result)
+        except (DelayedError, WaitingChildrenError):
+            return None
+        except Exception as err:
+            try:
+                if not self.forceClosing:
+                    await job.moveToFailed(err, token)
+                self.emit("failed", job, err)
+            except Exception as inner:
+                self.emit("error", inner, job)
+        finally:
+            self.jobs.discard((job, token))
+            self.lockManager.untrack_job(job.id)
+        if next_job is not None:
+            self.emit("active", next_job, "waiting")
+        return next_job
+
+
+def _name_in_finished_opts(worker: Worker, name: str) -> None:
+    """``moveToFinished`` sets ``processedBy`` on the job it hands over when ``opts.name`` is
+    given; the Python caller leaves it out, so add it to the packed options."""
+    scripts = worker.scripts
+    build_args = scripts.moveToFinishedArgs
+
+    def with_name(*args: Any, **kwargs: Any) -> Any:
+        keys, argv = build_args(*args, **kwargs)
+        opts = msgpack.unpackb(argv[7], raw=False)
+        opts["name"] = name
+        argv[7] = msgpack.packb(opts, use_bin_type=True)
+        return keys, argv
+
+    scripts.moveToFinishedArgs = with_name
+
+
 def _name_only_the_blocking_connection(worker: Worker, base_name: str) -> None:
     """One entry per process in Bull Board's worker list, as with Node: the worker's name goes
     on its blocking connection; the command connection gets the queue's base name."""
@@ -123,7 +199,7 @@ class QueueWorker:
 
     def build(self) -> Worker:
         s = self.settings
-        worker = Worker(
+        worker = FetchNextWorker(
             s.queue,
             self._process,
             {
@@ -140,6 +216,7 @@ class QueueWorker:
         )
         worker.clientName = node_client_name(s.queue_prefix, s.queue, self.name)
         _with_processed_by(worker, self.name)
+        _name_in_finished_opts(worker, self.name)
         _name_only_the_blocking_connection(worker, queue_client_name(s.queue_prefix, s.queue))
         worker.on("error", self._on_error)
         self.worker = worker

@@ -190,6 +190,9 @@ async def test_malformed_job_fails_with_its_error_code_and_the_next_job_still_su
     )
     assert jobs["run_good"]["state"] == "completed"
     assert jobs["run_good"]["returnvalue"]["status"] == "SUCCESS"
+    # Whether a job came from the loop's fetch or from the previous job's moveToFinished,
+    # Bull Board can tell which worker ran it.
+    assert {j["processedBy"] for j in jobs.values()} == {"test-runner-0"}
 
 
 async def test_definition_is_fetched_once_from_the_control_plane_for_many_runs(
