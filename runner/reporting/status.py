@@ -194,7 +194,13 @@ class RunReporter:
         self._exec(
             "error" if result.status == "FAILED" else "info",
             f"step {result.status}",
-            {"error": str(error) if error else None, "durationMs": result.duration_ms},
+            # The output whole: the execution log keeps large payloads as a preview with their
+            # size (its sink truncates and redacts them).
+            {
+                "error": str(error) if error else None,
+                "durationMs": result.duration_ms,
+                "output": result.output if result.status == "SUCCESS" else None,
+            },
             step_key=result.key,
             attempt=attempt or None,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.log import log
+from runner.log import LEVELS, log
 from runner.reporting.execlog import DEFAULT_CONTEXT_LIMIT_BYTES, LogLine, Redact, truncate_context
 
 
@@ -30,6 +30,9 @@ class StdoutExecutionLog:
         )
 
     def write(self, line: LogLine) -> None:
+        level = line.level if line.level in ("warning", "error") else "debug"
+        if LEVELS[level] < log.threshold:
+            return  # filtered anyway: spare the hot path the redaction and truncation
         context: Any = line.context
         message = line.message
         if self.redact is not None:
@@ -37,7 +40,7 @@ class StdoutExecutionLog:
         log.event(
             "exec",
             # Warnings and errors show at the default level; the rest with RUNNER_LOG_LEVEL=debug.
-            line.level if line.level in ("warning", "error") else "debug",
+            level,
             runId=line.workflow_run_id,
             tenantId=line.tenant_id,
             stepKey=line.step_key,
