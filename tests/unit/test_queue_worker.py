@@ -1,0 +1,106 @@
+"""The BullMQ boundary's guards, without Redis: the processor wrapper and the watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from bullmq.custom_errors import DelayedError, UnrecoverableError
+
+from runner.queue.worker import QueueWorker, node_client_name, queue_client_name, redis_options
+from runner.settings import Settings
+
+
+class Job:
+    id = "job-1"
+
+    def updateStacktrace(self) -> None:
+        raise AssertionError("still the stock method")
+
+
+def worker_with(handler: Any) -> QueueWorker:
+    return QueueWorker(Settings(), handler)
+
+
+async def test_given_a_cancellation_escaping_a_run_when_processed_then_the_loop_sees_an_error() -> (
+    None
+):
+    async def handler(job: Any, token: str) -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(RuntimeError, match=r"^INTERNAL: the run was interrupted$"):
+        await worker_with(handler)._process(Job(), "t")
+
+
+async def test_given_an_unexpected_exception_when_processed_then_it_is_internal_and_names_only_its_type() -> (
+    None
+):
+    async def handler(job: Any, token: str) -> None:
+        raise KeyError("secret-value-9")
+
+    with pytest.raises(RuntimeError) as caught:
+        await worker_with(handler)._process(Job(), "t")
+    assert str(caught.value) == "INTERNAL: KeyError"
+
+
+async def test_given_a_runs_own_failure_when_processed_then_it_stays_unrecoverable_without_a_traceback() -> (
+    None
+):
+    async def handler(job: Any, token: str) -> None:
+        raise UnrecoverableError("HTTP_ERROR: fetch: GET answered 400")
+
+    job = Job()
+    with pytest.raises(UnrecoverableError):
+        await worker_with(handler)._process(job, "t")
+    job.updateStacktrace()  # replaced by a no-op: Bull Board shows the reason, not our frames
+
+
+async def test_given_a_hand_back_when_processed_then_delayed_error_passes_through() -> None:
+    async def handler(job: Any, token: str) -> None:
+        raise DelayedError()
+
+    with pytest.raises(DelayedError):
+        await worker_with(handler)._process(Job(), "t")
+
+
+class DeadLoop:
+    """Stands in for bullmq's Worker whose run() loop ended on its own."""
+
+    running = False
+
+    async def run(self) -> None:
+        return None
+
+
+async def test_given_a_worker_loop_that_died_when_watched_then_the_watchdog_reports_it() -> None:
+    qw = worker_with(lambda job, token: None)
+    qw.worker = DeadLoop()  # type: ignore[assignment]
+    await qw.start()
+    await asyncio.wait_for(qw.loop_died.wait(), timeout=5)
+    assert not qw.alive
+
+
+async def test_given_a_closing_worker_when_the_loop_ends_then_the_watchdog_stays_quiet() -> None:
+    qw = worker_with(lambda job, token: None)
+    qw.worker = DeadLoop()  # type: ignore[assignment]
+    qw.closing = True
+    await qw.start()
+    await asyncio.sleep(1.2)
+    assert not qw.loop_died.is_set()
+
+
+def test_client_names_are_the_ones_node_and_bull_board_use() -> None:
+    assert queue_client_name("bull", "workflow-runs") == "bull:d29ya2Zsb3ctcnVucw=="
+    assert node_client_name("bull", "workflow-runs", "w1") == "bull:d29ya2Zsb3ctcnVucw==:w:w1"
+
+
+def test_the_socket_timeout_outlasts_bullmqs_longest_blocking_read() -> None:
+    opts = redis_options("redis://:pw@127.0.0.1:6380/2", 30.0)
+    assert opts["socket_timeout"] > 10  # BZPOPMIN blocks up to 10 s
+    assert (opts["host"], opts["port"], opts["db"], opts["password"]) == (
+        "127.0.0.1",
+        6380,
+        2,
+        "pw",
+    )
