@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from runner.log import log
 from runner.settings import Settings, settings_table
 
 USAGE = """usage: python -m runner [--help] [validate FILE | settings-table]
@@ -50,9 +51,15 @@ def main(argv: list[str]) -> int:
     if argv:
         print(f"unknown argument {argv[0]!r}\n\n{_help()}", file=sys.stderr)
         return 2
+    settings = Settings.from_env()
+    from runner.supervisor import process_count, supervise
+
+    if process_count(settings) > 1:
+        log.configure(level=settings.log_level, worker=settings.name)
+        return supervise(settings)
     from runner.app import run
 
-    return run(Settings.from_env())
+    return run(settings)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ class Settings:
     queue_prefix: str = _setting("RUNNER_QUEUE_PREFIX", "bull", "BullMQ key prefix")
     queue: str = _setting("RUNNER_QUEUE", "workflow-runs", "BullMQ queue name")
     concurrency: int = _setting("RUNNER_CONCURRENCY", 50, "runs in flight per process")
+    processes: int = _setting(
+        "RUNNER_PROCESSES", 1, "worker processes on this host, supervised; 0 means one per core"
+    )
     status_stream: str = _setting(
         "RUNNER_STATUS_STREAM", "", "status stream; empty means {prefix}:{queue}:status"
     )
