@@ -21,6 +21,7 @@ Through a Redis outage a batch is sent again until it succeeds or the outage out
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,6 +200,24 @@ class MemoryStatusSink:
             self.progress.setdefault(t.job_id, []).append(t.progress)
         if t.log_lines:
             self.logs.setdefault(t.job_id, []).extend(t.log_lines)
+
+    def job(self, job_id: str) -> JobView:
+        """What BullMQ's job would hold: its progress values and ``job.log`` lines."""
+        return JobView(self, job_id)
+
+
+@dataclass(frozen=True)
+class JobView:
+    sink: MemoryStatusSink
+    job_id: str
+
+    @property
+    def progress_values(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.sink.progress.get(self.job_id, [])]
+
+    @property
+    def lines(self) -> list[str]:
+        return list(self.sink.logs.get(self.job_id, []))
 
 
 async def load_run_state(

@@ -96,22 +96,6 @@ class RecordingClock(SystemClock):
 
 
 @dataclass
-class RecordingJob:
-    """What BullMQ's job received, read back from the in-memory status sink."""
-
-    sink: MemoryStatusSink
-    job_id: str
-
-    @property
-    def progress_values(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.sink.progress.get(self.job_id, [])]
-
-    @property
-    def lines(self) -> list[str]:
-        return list(self.sink.logs.get(self.job_id, []))
-
-
-@dataclass
 class RunRecord:
     outcome: RunOutcome
     events: list[dict[str, Any]]
@@ -172,7 +156,7 @@ async def run_workflow(
             follow_redirects=follow_redirects,
         )
         sink = MemoryStatusSink()
-        job = RecordingJob(sink, run_id)
+        job = sink.job(run_id)
         redactor = Redactor()
         execlog = MemoryExecutionLog(redact=redactor.value)
         reporter = RunReporter(

@@ -24,7 +24,7 @@ from runner.http.messages import HttpRequest, HttpResponse
 from runner.redact import Redactor
 from runner.reporting.execlog import MemoryExecutionLog
 from runner.reporting.status import RunReporter
-from runner.reporting.stream import MemoryStatusSink
+from runner.reporting.stream import JobView, MemoryStatusSink
 
 RUN = "run_1"
 T0 = 1_795_608_000_000
@@ -135,22 +135,6 @@ def json_reply(status: int = 200, body: Any = None) -> HttpResponse:
     )
 
 
-@dataclass
-class RecordingJob:
-    """What BullMQ's job received, read back from the in-memory status sink."""
-
-    sink: MemoryStatusSink
-    job_id: str
-
-    @property
-    def progress_values(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.sink.progress.get(self.job_id, [])]
-
-    @property
-    def lines(self) -> list[str]:
-        return list(self.sink.logs.get(self.job_id, []))
-
-
 # --- building runs ------------------------------------------------------------------------
 
 
@@ -183,7 +167,7 @@ def plan_of(
 class Run:
     outcome: RunOutcome
     sink: MemoryStatusSink
-    job: RecordingJob
+    job: JobView
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.sink.events]
@@ -217,7 +201,7 @@ async def run(
 ) -> Run:
     clock = clock or FakeClock()
     sink = MemoryStatusSink()
-    job = RecordingJob(sink, RUN)
+    job = sink.job(RUN)
     restored = restored or {}
     reporter = RunReporter(
         run_id=RUN,

@@ -17,7 +17,7 @@ from runner.redact import REDACTED, Redactor
 from runner.reporting.checkpoint import parse_checkpoint
 from runner.reporting.execlog import MemoryExecutionLog
 from runner.reporting.status import PREVIEW_LIMIT_BYTES, RunReporter, preview
-from runner.reporting.stream import MemoryStatusSink, Transition
+from runner.reporting.stream import JobView, MemoryStatusSink, Transition
 from runner.retry import RetryDecision
 
 RUN = "run_8f2c"
@@ -26,22 +26,6 @@ SECRET = "tok_live_9f8e7d6c5b4a3921"
 T0 = 1_795_608_000_000
 
 STEP_FIELDS = {"stepKey", "stepRunId", "attempt"}
-
-
-@dataclass
-class RecordingJob:
-    """What BullMQ's job received, read back from the in-memory status sink."""
-
-    sink: MemoryStatusSink
-    job_id: str
-
-    @property
-    def progress_values(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.sink.progress.get(self.job_id, [])]
-
-    @property
-    def lines(self) -> list[str]:
-        return list(self.sink.logs.get(self.job_id, []))
 
 
 @dataclass
@@ -58,7 +42,7 @@ class Ticker:
 @dataclass
 class Harness:
     sink: MemoryStatusSink
-    job: RecordingJob
+    job: JobView
     execlog: MemoryExecutionLog
     reporter: RunReporter
 
@@ -72,7 +56,7 @@ class Harness:
 def harness(*, total_steps: int = 3, last_seq: int = 0, completed_steps: int = 0) -> Harness:
     redactor = Redactor([SECRET])
     sink = MemoryStatusSink()
-    job = RecordingJob(sink, RUN)
+    job = sink.job(RUN)
     execlog = MemoryExecutionLog(redact=redactor.value)
     reporter = RunReporter(
         run_id=RUN,
