@@ -216,6 +216,9 @@ def decode_job_data(raw: Any) -> JobData:
         raise PayloadError(path_of(err)) from None
     except msgspec.DecodeError as err:
         raise PayloadError(f"$: not valid JSON ({err})") from None
+    except UnicodeEncodeError:
+        # A str holding a lone surrogate: msgspec must encode text to UTF-8 before parsing.
+        raise PayloadError("$: not valid JSON (text is not valid Unicode)") from None
 
 
 def decode_workflow_version(raw: Any, where: str = "$") -> WorkflowVersion:
@@ -229,6 +232,8 @@ def decode_workflow_version(raw: Any, where: str = "$") -> WorkflowVersion:
         raise DefinitionError(where + path[1:] if path.startswith("$") else path) from None
     except msgspec.DecodeError as err:
         raise DefinitionError(f"{where}: not valid JSON ({err})") from None
+    except UnicodeEncodeError:
+        raise DefinitionError(f"{where}: not valid JSON (text is not valid Unicode)") from None
 
 
 def decode_credentials(raw: bytes | str) -> ResolvedCredentials:

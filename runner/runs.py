@@ -168,7 +168,12 @@ class RunService:
         try:
             if job.name != JOB_NAME:
                 raise PayloadError(f"$: job name '{job.name}' is not '{JOB_NAME}'")
-            size = len(_encode(job.data))
+            try:
+                size = len(_encode(job.data))
+            except (UnicodeEncodeError, TypeError):
+                raise PayloadError(
+                    "$: job data is not valid JSON text (unpaired surrogate?)"
+                ) from None
             if size > self.max_job_bytes:
                 raise PayloadError(
                     f"$: job data is {size} bytes, over the {self.max_job_bytes}-byte limit"

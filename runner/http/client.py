@@ -159,6 +159,15 @@ class HttpTransport:
                 return HttpResponse(status=resp.status, headers=headers, body=body)
         except RunnerError:
             raise
+        except aiohttp.ClientConnectorCertificateError as err:
+            # Say what failed in words an operator acts on (the fix is a caBundle, or the
+            # server's certificate), not OpenSSL's "[ssl: ...] (_ssl.c:1006)".
+            cert_error = err.certificate_error
+            detail = getattr(cert_error, "verify_message", None) or "certificate verify failed"
+            raise TransportError(
+                f"TLS certificate of {host} could not be verified: {str(detail).rstrip('.')}",
+                code=ErrorCode.CONNECTION_ERROR,
+            ) from None
         except aiohttp.ClientConnectorError as err:
             denied = egress_error(err)
             if denied is not None:

@@ -135,8 +135,13 @@ class FetchNextWorker(Worker):  # type: ignore[misc]
                 job.returnvalue = result
                 job.attemptsMade = job.attemptsMade + 1
                 raw = moved.get("result") if isinstance(moved, dict) else None
-                if fetch and raw:
-                    next_job = await self.nextJobFromJobData(*raw, token)
+                if fetch and raw and raw[0]:
+                    # [job data, id, limit until, delay until]; the last two may be absent
+                    # (None) when the script hands a job over.
+                    data, job_id, limit_until, delay_until = raw
+                    next_job = await self.nextJobFromJobData(
+                        data, job_id, limit_until or 0, delay_until or 0, token
+                    )
             self.emit("completed", job, result)
         except (DelayedError, WaitingChildrenError):
             return None

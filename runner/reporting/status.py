@@ -12,6 +12,7 @@ strictly within a run: the counter starts above the checkpoint's last published 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from runner.reporting.execlog import ExecutionLog, LogLine
 from runner.reporting.stream import Transition
 
 PREVIEW_LIMIT_BYTES = 16 * 1024
+_STATUS = re.compile(rb'^\{"status":(\d+)')
 
 _encode = msgspec.json.Encoder().encode
 
@@ -39,18 +41,21 @@ class StatusSink(Protocol):
 class Redact(Protocol):
     def text(self, value: str) -> str: ...
     def value(self, value: Any) -> Any: ...
+    def json(self, value: Any) -> bytes: ...
 
 
 def preview(output: Any, limit_bytes: int = PREVIEW_LIMIT_BYTES) -> Any:
-    """The output as it may travel in an event: whole when small, else a text preview."""
+    """The output as it may travel in an event: whole when small, else a text preview.
+    ``output`` may be the data or its JSON encoding (``bytes``, embedded as it is)."""
     if output is None:
         return None
-    raw = _encode(output)
+    raw = output if isinstance(output, bytes) else _encode(output)
     if len(raw) <= limit_bytes:
-        return output
+        return msgspec.Raw(raw) if isinstance(output, bytes) else output
     result: dict[str, Any] = {"preview": "", "sizeBytes": len(raw), "truncated": True}
-    if isinstance(output, dict) and isinstance(output.get("status"), int):
-        result["status"] = output["status"]
+    status = _STATUS.match(raw)
+    if status is not None:
+        result["status"] = int(status.group(1))
     # The preview is text inside JSON: quotes, backslashes and control characters grow when
     # escaped, so shrink until the whole preview object fits.
     cut = limit_bytes // 2
@@ -170,19 +175,19 @@ class RunReporter:
         if not canceled:
             self.completed += 1
         error = result.error
+        # Encoded and redacted once, for the event and the checkpoint; redacted before the
+        # preview cuts it, since a secret split by the cut would escape the redactor.
+        output_json = self.redact.json(result.output) if result.status == "SUCCESS" else None
         event = self._step_event(
             result.key,
             result.status,
             attempt,
             started_ms=result.started_ms,
             finished_ms=result.finished_ms,
-            # Redact before cutting: a secret split by the cut would escape the redactor.
-            output=preview(self.redact.value(result.output))
-            if result.status == "SUCCESS"
-            else None,
+            output=preview(output_json) if output_json is not None else None,
             error=error,
         )
-        checkpoint = {f"step:{result.key}": _encode(self.redact.value(_checkpoint_of(result)))}
+        checkpoint = {f"step:{result.key}": self.redact.json(_checkpoint_of(result, output_json))}
         text = f"{result.key} {result.status}"
         if result.status in ("SUCCESS", "FAILED"):
             plural = "" if result.attempts == 1 else "s"
@@ -296,12 +301,11 @@ class RunReporter:
         lines: tuple[str, ...] = (),
     ) -> None:
         """One transition: the event with its checkpoint fields, progress and log lines."""
-        data = self.redact.value(msgspec.to_builtins(event))
         await self.sink.write(
             Transition(
                 self.run_id,
                 self.job_id,
-                event=_encode(data),
+                event=self.redact.json(event),
                 seq=event.seq,
                 checkpoint=checkpoint,
                 progress=_encode(progress) if progress is not None else None,
@@ -341,13 +345,13 @@ class RunReporter:
         )
 
 
-def _checkpoint_of(result: StepResult) -> dict[str, Any]:
+def _checkpoint_of(result: StepResult, output_json: bytes | None) -> dict[str, Any]:
     return {
         "status": result.status,
         "attempts": result.attempts,
         "startedAt": result.started_ms,
         "finishedAt": result.finished_ms,
-        "output": result.output,
+        "output": msgspec.Raw(output_json) if output_json is not None else None,
         "errorCode": str(result.error.code) if result.error else None,
         "errorMessage": result.error.message if result.error else None,
     }

@@ -158,7 +158,7 @@ async def test_malformed_job_fails_with_its_error_code_and_the_next_job_still_su
 ) -> None:
     api = SampleApi(API_KEY)
     base = await serve(api.app())
-    await runner_process(RUNNER_CREDENTIALS_KEY=b64key(credentials_key))
+    runner = await runner_process(RUNNER_CREDENTIALS_KEY=b64key(credentials_key))
     good = job_data(
         "run_good",
         three_step_version(base),
@@ -193,6 +193,8 @@ async def test_malformed_job_fails_with_its_error_code_and_the_next_job_still_su
     # Whether a job came from the loop's fetch or from the previous job's moveToFinished,
     # Bull Board can tell which worker ran it.
     assert {j["processedBy"] for j in jobs.values()} == {"test-runner-0"}
+    # and the worker itself never stumbled (a failed job is not a worker error)
+    assert [e for e in runner.log_events() if e.get("event") == "worker.error"] == []
 
 
 async def test_definition_is_fetched_once_from_the_control_plane_for_many_runs(

@@ -34,27 +34,32 @@ async function run() {
   const events = new QueueEvents(queueName, { connection: connection(), prefix });
   await events.waitUntilReady();
   const seen = [];
-  const pending = new Set();
-  let resolveAll;
-  const allDone = new Promise((resolve) => { resolveAll = resolve; });
-  const finish = (jobId) => {
-    pending.delete(jobId);
-    if (pending.size === 0) resolveAll();
-  };
+  const announced = new Set(); // jobs whose completed/failed event arrived
   events.on('progress', ({ jobId, data }) => seen.push({ event: 'progress', jobId, data }));
   events.on('completed', ({ jobId, returnvalue }) => {
     seen.push({ event: 'completed', jobId, returnvalue });
-    finish(jobId);
+    announced.add(jobId);
   });
   events.on('failed', ({ jobId, failedReason }) => {
     seen.push({ event: 'failed', jobId, failedReason });
-    finish(jobId);
+    announced.add(jobId);
   });
   const ids = await add(queue);
-  ids.forEach((id) => pending.add(id));
-  const timer = setTimeout(() => resolveAll(), spec.timeoutMs ?? 30000);
-  await allDone;
-  clearTimeout(timer);
+  // The job's own state decides when it is over: QueueEvents may start reading after a fast
+  // job already finished. Then give its events a moment to arrive.
+  const deadline = Date.now() + (spec.timeoutMs ?? 30000);
+  const pending = new Set(ids);
+  while (pending.size > 0 && Date.now() < deadline) {
+    for (const id of [...pending]) {
+      const state = await queue.getJobState(id);
+      if (state === 'completed' || state === 'failed') pending.delete(id);
+    }
+    if (pending.size > 0) await new Promise((r) => setTimeout(r, 25));
+  }
+  const eventsDeadline = Date.now() + 2000;
+  while (ids.some((id) => !announced.has(id)) && Date.now() < eventsDeadline) {
+    await new Promise((r) => setTimeout(r, 10));
+  }
   const jobs = {};
   for (const id of ids) {
     const job = await queue.getJob(id);
@@ -70,7 +75,8 @@ async function run() {
     };
   }
   // Wait for the write: a report over the pipe's buffer would otherwise be cut by exit().
-  await new Promise((resolve) => process.stdout.write(JSON.stringify({ ids, unfinished: [...pending], events: seen, jobs }) + '\n', resolve));
+  const report = JSON.stringify({ ids, unfinished: [...pending], events: seen, jobs }) + '\n';
+  await new Promise((resolve) => process.stdout.write(report, resolve));
   await events.close();
   await queue.close();
 }
