@@ -30,8 +30,6 @@ secrets of every run (and every refreshed OAuth2 token) in this process.
 
 from __future__ import annotations
 
-import msgspec
-
 import base64
 import json
 import re
@@ -40,6 +38,8 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
+
+import msgspec
 
 REDACTED = "[REDACTED]"
 MIN_SUBSTRING_LEN = 4

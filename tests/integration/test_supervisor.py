@@ -34,7 +34,6 @@ async def test_two_processes_share_the_queue_and_a_dead_one_is_restarted(
 ) -> None:
     from aiohttp import web
 
-
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"id": "x"})
 
