@@ -135,8 +135,12 @@ class RedisStatusSink:
                     mapping.update(t.checkpoint)
                 pipe.xadd(self.stream, {"event": t.event}, maxlen=self.maxlen, approximate=True)
                 pipe.hset(run_key, mapping=mapping)  # type: ignore[arg-type]
-                pipe.expire(run_key, self.retention_s)
-                index += 3
+                index += 2
+                if t.checkpoint:
+                    # Renewed with each checkpoint write (the run's start, each finished step),
+                    # which is often enough for a retention counted in days.
+                    pipe.expire(run_key, self.retention_s)
+                    index += 1
             job_key = self.keys.job(t.job_id)
             if t.progress is not None:
                 args: list[Any] = [job_key, events_key, meta_key, t.job_id, t.progress]

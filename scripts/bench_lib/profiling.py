@@ -1,0 +1,150 @@
+"""Where the runner spends CPU on a workload: py-spy (sampling, attached to the running
+process for the throughput window only) or cProfile (deterministic, whole process life).
+
+Both print the top functions by own time and by cumulative time.
+"""
+
+from __future__ import annotations
+
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+
+def py_spy_binary(python: str) -> str | None:
+    beside = Path(python).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def py_spy_hook(
+    binary: str, out: Path, rate_hz: int = 250
+) -> Callable[[list[int]], Callable[[], None]]:
+    def start(pids: list[int]) -> Callable[[], None]:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "record",
+                "--pid",
+                str(pids[0]),
+                "--rate",
+                str(rate_hz),
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def stop() -> None:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            if not out.exists():
+                print(
+                    f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}", file=sys.stderr
+                )
+
+        return stop
+
+    return start
+
+
+# Frames every sample under the main loop shares: they say nothing about where CPU goes.
+_ROOTS = (
+    "<frozen runpy>",
+    "runner/__main__.py",
+    "runner/app.py",
+    "uvloop/__init__.py",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+    "asyncio/events.py",
+)
+
+
+def _short(frame: str) -> str:
+    # "name (pkg/module.py:123)" -> "name (pkg/module.py)": one row per function, not per line.
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0].rstrip(')')})"
+
+
+def _package(frame: str) -> str:
+    where = frame.partition(" (")[2].rstrip(")")
+    parts = where.split("/")
+    if parts[0] == "runner" and len(parts) > 1:
+        return "runner/" + parts[1]  # a subpackage, or a top-level module such as redact.py
+    return parts[0] if len(parts) > 1 else where.removesuffix(".py")
+
+
+def collapsed_top(path: Path, top: int = 15) -> str:
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_short(f) for f in stack.split(";") if f]
+        # Thread/process header frames that py-spy prepends carry no " (": skip them.
+        frames = [f for f in frames if " (" in f]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        packages[_package(frames[-1])] += count
+        for f in set(frames):
+            if not f[:-1].endswith(_ROOTS):
+                cumulative[f] += count
+    text = _tables(own, cumulative, total, top, "samples")
+    rows = [
+        "",
+        "Own time by package (the module the sampled line was in):",
+        "",
+        "| package | share |",
+        "|---|---|",
+    ]
+    rows += [f"| {name} | {100 * v / total:.1f}% |" for name, v in packages.most_common(12)]
+    return text + "\n" + "\n".join(rows)
+
+
+def cprofile_top(path: Path, top: int = 15) -> str:
+    stats = pstats.Stats(str(path))
+    raw = stats.stats  # type: ignore[attr-defined]
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    total = 0.0
+    for (file, line, name), (_cc, _nc, tt, ct, _callers) in raw.items():
+        key = f"{name} ({'/'.join(file.split('/')[-2:])}:{line})"
+        own[key] += tt  # type: ignore[assignment]
+        cumulative[key] = max(cumulative[key], ct)  # type: ignore[assignment]
+        total += tt
+    return _tables(own, cumulative, total, top, "s")
+
+
+def _tables(own: Counter[str], cumulative: Counter[str], total: float, top: int, unit: str) -> str:
+    lines = [
+        f"Top {top} by own time ({total:,.0f} {unit} in all):",
+        "",
+        "| function | own | share |",
+        "|---|---|---|",
+    ]
+    for name, v in own.most_common(top):
+        lines.append(f"| `{name}` | {v:,.2f} | {100 * v / total:.1f}% |")
+    lines += [
+        "",
+        f"Top {top} by cumulative time:",
+        "",
+        "| function | cumulative | share |",
+        "|---|---|---|",
+    ]
+    for name, v in cumulative.most_common(top):
+        lines.append(f"| `{name}` | {v:,.2f} | {100 * v / total:.1f}% |")
+    return "\n".join(lines)
