@@ -62,6 +62,14 @@ class RunService:
     process_secrets: tuple[str, ...] = ()
     telemetry: Telemetry = NOOP
     _hand_backs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
+    _no_secrets: Redactor | None = None
+
+    def _base_redactor(self) -> Redactor:
+        """The redactor of a run without secrets of its own: only the process's, so it is built
+        once (compiling one costs more than a run's status writes)."""
+        if self._no_secrets is None:
+            self._no_secrets = Redactor(self.process_secrets)
+        return self._no_secrets
 
     def hand_back_all(self, reason: str) -> int:
         """Ask every run in flight to stop and go back to the queue (shutdown past its grace)."""
@@ -98,7 +106,7 @@ class RunService:
             self.redis, self.keys, data.workflow_run_id
         )
         checkpoint = parse_checkpoint(raw_checkpoint)
-        redactor = Redactor(self.process_secrets)
+        redactor = self._base_redactor()
         reporter = self._reporter(job, data, redactor, checkpoint, total_steps=0)
         handle = None
         try:
@@ -110,7 +118,8 @@ class RunService:
             secrets = secrets_for_run(plan, creds)
             values, names = _secret_material(connections.values(), creds.secrets.values())
             handle = SECRETS.register(values, names)
-            redactor = Redactor([*values, *self.process_secrets], names)
+            if values or names:
+                redactor = Redactor([*values, *self.process_secrets], names)
             # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
             reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
