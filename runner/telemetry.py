@@ -512,27 +512,26 @@ class _OtelAttempt:
             self._fail(span, str(error_code))
 
 
-class _OtelStep:
-    __slots__ = ("_ended", "_key", "_otel", "_parent", "_span", "_token")
+class _Scope:
+    """A span that is the current one while its ``with`` block runs: the run's or a step's.
+    Leaving the block by an exception records the exception's type only (its message could
+    hold a URL with its query); ``end()`` having been called first records nothing more."""
 
-    def __init__(self, otel: _Instruments, parent: Context, key: str) -> None:
+    __slots__ = ("_ended", "_otel", "_parent", "_span", "_token")
+
+    def __init__(self, otel: _Instruments, parent: Context | None) -> None:
         self._otel = otel
         self._parent = parent
-        self._key = key
         self._ended = False
         self._span: Span | None = None
         self._token: Token[Context] | None = None
 
-    def __enter__(self) -> _OtelStep:
+    def _open(self, name: str, kind: Any, attributes: dict[str, str | int]) -> Span:
         otel = self._otel
-        self._span = otel.tracer.start_span(
-            f"step {self._key}",
-            context=self._parent,
-            kind=otel.trace.SpanKind.INTERNAL,
-            attributes={"workflow.step.key": self._key},
-        )
-        self._token = otel.context.attach(otel.trace.set_span_in_context(self._span))
-        return self
+        span = otel.tracer.start_span(name, context=self._parent, kind=kind, attributes=attributes)
+        self._span = span
+        self._token = otel.context.attach(otel.trace.set_span_in_context(span))
+        return span
 
     def __exit__(
         self,
@@ -550,6 +549,19 @@ class _OtelStep:
             if self._token is not None:
                 self._otel.context.detach(self._token)
             span.end()
+
+
+class _OtelStep(_Scope):
+    __slots__ = ("_key",)
+
+    def __init__(self, otel: _Instruments, parent: Context, key: str) -> None:
+        super().__init__(otel, parent)
+        self._key = key
+
+    def __enter__(self) -> _OtelStep:
+        kind = self._otel.trace.SpanKind.INTERNAL
+        self._open(f"step {self._key}", kind, {"workflow.step.key": self._key})
+        return self
 
     def attempt(self, method: str, url_redacted: str, attempt_no: int) -> _OtelAttempt:
         span = self._span
@@ -576,8 +588,8 @@ class _OtelStep:
         self._otel.step_duration.record(max(duration_ms, 0), metric_attrs)
 
 
-class _OtelRun:
-    __slots__ = ("_attrs", "_ended", "_name", "_otel", "_parent", "_span", "_token", "_wait_ms")
+class _OtelRun(_Scope):
+    __slots__ = ("_attrs", "_name", "_wait_ms")
 
     def __init__(
         self,
@@ -587,45 +599,18 @@ class _OtelRun:
         attrs: dict[str, str | int],
         queue_wait_ms: int | None,
     ) -> None:
-        self._otel = otel
-        self._parent = parent
+        super().__init__(otel, parent)
         self._name = name
         self._attrs = attrs
         self._wait_ms = queue_wait_ms
-        self._ended = False
-        self._span: Span | None = None
-        self._token: Token[Context] | None = None
 
     def __enter__(self) -> _OtelRun:
         otel = self._otel
-        self._span = otel.tracer.start_span(
-            self._name,
-            context=self._parent,
-            kind=otel.trace.SpanKind.CONSUMER,
-            attributes=self._attrs,
-        )
-        self._token = otel.context.attach(otel.trace.set_span_in_context(self._span))
+        self._open(self._name, otel.trace.SpanKind.CONSUMER, self._attrs)
         if self._wait_ms is not None:
             # Clocks of producer and worker hosts differ; a negative wait is skew, not time.
             otel.queue_wait.record(max(self._wait_ms, 0))
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        span = self._span
-        assert span is not None
-        try:
-            if exc_type is not None and not self._ended:
-                span.set_attribute("error.type", exc_type.__qualname__)
-                span.set_status(self._otel.error_status(exc_type.__qualname__))
-        finally:
-            if self._token is not None:
-                self._otel.context.detach(self._token)
-            span.end()
 
     def step(self, key: str) -> _OtelStep:
         span = self._span
