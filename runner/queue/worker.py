@@ -106,6 +106,20 @@ class FetchNextWorker(Worker):  # type: ignore[misc]
     the slot ends and the loop's ordinary fetch takes over.
     """
 
+    _fetching: asyncio.Lock | None = None
+
+    async def getNextJob(self, token: str) -> Any:
+        """One fetch at a time. The stock loop starts a fetch for every free slot at once, so an
+        idle worker with 50 slots answered each new job with some 49 empty ``moveToActive``
+        calls, which cost CPU and delayed the job that had arrived. In turn, each fetch finds
+        the queue empty, waits on the marker, or takes a job."""
+        if self._fetching is None:
+            self._fetching = asyncio.Lock()
+        async with self._fetching:
+            if self.closing or self.paused:
+                return None
+            return await super().getNextJob(token)
+
     async def processJob(self, job: Any, token: str) -> None:
         while job is not None:
             job = await self._process_one(job, token)
