@@ -1,0 +1,254 @@
+"""The spans of an enabled telemetry: the run, its steps, and each step's HTTP attempts.
+
+``workflow_run {versionId}`` (CONSUMER, child of the producer's span found in the job's ``tm``
+carrier, CONTRACT §2) → ``step {key}`` (INTERNAL) → ``{METHOD}`` (CLIENT, HTTP client semantic
+conventions). Each child names its parent explicitly, so parallel DAG steps running as separate
+asyncio tasks nest correctly whatever the current context of the task is. Ending a span records
+its metric. Spans never hold a secret: no header, no body, no exception message (only its type),
+and URLs lose their userinfo, query and fragment here even though the caller already passes them
+redacted.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from runner.telemetry.instruments import Instruments
+
+if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parent_context(otel: Instruments, carrier_json: str | None) -> Context | None:
+    """The producer's context from the job's ``tm`` carrier; ``None`` (a new trace) when it is
+    absent or malformed: a bad carrier must never fail a run."""
+    if not carrier_json:
+        return None
+    try:
+        carrier = json.loads(carrier_json)
+    except ValueError:
+        return None
+    if not isinstance(carrier, dict):
+        return None
+    return otel.extract({k: v for k, v in carrier.items() if isinstance(v, str)})
+
+
+def _url_attributes(method: str, url_redacted: str) -> dict[str, str | int]:
+    upper = method.upper()
+    attrs: dict[str, str | int] = {}
+    if upper in _KNOWN_METHODS:
+        attrs["http.request.method"] = upper
+    else:
+        attrs["http.request.method"] = "_OTHER"
+        attrs["http.request.method_original"] = method
+    try:
+        parts = urlsplit(url_redacted)
+        port = parts.port
+    except ValueError:
+        return attrs
+    # Userinfo, query and fragment are dropped whatever the caller redacted: they are where
+    # credentials travel (API keys in ?api_key=, https://user:pass@host).
+    host_port = parts.netloc.rpartition("@")[2]
+    attrs["url.full"] = f"{parts.scheme}://{host_port}{parts.path}"
+    if parts.hostname:
+        attrs["server.address"] = parts.hostname
+    if port is None:
+        port = _DEFAULT_PORTS.get(parts.scheme.lower())
+    if port is not None:
+        attrs["server.port"] = port
+    return attrs
+
+
+class _OtelAttempt:
+    __slots__ = ("_attrs", "_error_type", "_otel", "_parent", "_span", "_token")
+
+    def __init__(self, otel: Instruments, parent: Context, attrs: dict[str, str | int]) -> None:
+        self._otel = otel
+        self._parent = parent
+        self._attrs = attrs
+        self._error_type: str | None = None
+        self._span: Span | None = None
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> _OtelAttempt:
+        otel = self._otel
+        name = str(self._attrs["http.request.method"])
+        self._span = otel.tracer.start_span(
+            "HTTP" if name == "_OTHER" else name,
+            context=self._parent,
+            kind=otel.trace.SpanKind.CLIENT,
+            attributes=self._attrs,
+        )
+        self._token = otel.context.attach(otel.trace.set_span_in_context(self._span))
+        otel.attempts.add(1)
+        if int(self._attrs.get("http.request.resend_count", 0)) > 0:
+            otel.retries.add(1)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        assert span is not None
+        try:
+            if exc_type is not None and self._error_type is None:
+                # The type only: an exception's message can hold a URL with its query.
+                self._fail(span, exc_type.__qualname__)
+        finally:
+            if self._token is not None:
+                self._otel.context.detach(self._token)
+            span.end()
+
+    def _fail(self, span: Span, error_type: str) -> None:
+        self._error_type = error_type
+        span.set_attribute("error.type", error_type)
+        span.set_status(self._otel.error_status(error_type))
+
+    def response(self, status_code: int) -> None:
+        span = self._span
+        assert span is not None
+        span.set_attribute("http.response.status_code", status_code)
+        if status_code >= 400:
+            self._fail(span, str(status_code))
+
+    def error(self, error_code: str, retry_delay_ms: int | None) -> None:
+        span = self._span
+        assert span is not None
+        span.set_attribute("workflow.error_code", str(error_code))
+        if retry_delay_ms is not None:
+            span.set_attribute("workflow.retry.delay_ms", retry_delay_ms)
+        if self._error_type is None:
+            self._fail(span, str(error_code))
+
+
+class _Scope:
+    """A span that is the current one while its ``with`` block runs: the run's or a step's.
+    Leaving the block by an exception records the exception's type only (its message could
+    hold a URL with its query); ``end()`` having been called first records nothing more."""
+
+    __slots__ = ("_ended", "_otel", "_parent", "_span", "_token")
+
+    def __init__(self, otel: Instruments, parent: Context | None) -> None:
+        self._otel = otel
+        self._parent = parent
+        self._ended = False
+        self._span: Span | None = None
+        self._token: Token[Context] | None = None
+
+    def _open(self, name: str, kind: Any, attributes: dict[str, str | int]) -> Span:
+        otel = self._otel
+        span = otel.tracer.start_span(name, context=self._parent, kind=kind, attributes=attributes)
+        self._span = span
+        self._token = otel.context.attach(otel.trace.set_span_in_context(span))
+        return span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        assert span is not None
+        try:
+            if exc_type is not None and not self._ended:
+                span.set_attribute("error.type", exc_type.__qualname__)
+                span.set_status(self._otel.error_status(exc_type.__qualname__))
+        finally:
+            if self._token is not None:
+                self._otel.context.detach(self._token)
+            span.end()
+
+
+class _OtelStep(_Scope):
+    __slots__ = ("_key",)
+
+    def __init__(self, otel: Instruments, parent: Context, key: str) -> None:
+        super().__init__(otel, parent)
+        self._key = key
+
+    def __enter__(self) -> _OtelStep:
+        kind = self._otel.trace.SpanKind.INTERNAL
+        self._open(f"step {self._key}", kind, {"workflow.step.key": self._key})
+        return self
+
+    def attempt(self, method: str, url_redacted: str, attempt_no: int) -> _OtelAttempt:
+        span = self._span
+        assert span is not None, "attempt() outside the step's with-block"
+        attrs = _url_attributes(method, url_redacted)
+        if attempt_no > 1:
+            attrs["http.request.resend_count"] = attempt_no - 1
+        return _OtelAttempt(self._otel, self._otel.trace.set_span_in_context(span), attrs)
+
+    def end(self, status: str, attempts: int, duration_ms: int, error_code: str | None) -> None:
+        span = self._span
+        if span is None or self._ended:
+            return
+        self._ended = True
+        status = str(status)
+        span.set_attribute("workflow.step.status", status)
+        span.set_attribute("workflow.step.attempts", attempts)
+        metric_attrs = {"workflow.step.status": status}
+        if error_code is not None:
+            span.set_attribute("error.type", str(error_code))
+            metric_attrs["error.type"] = str(error_code)
+        if status == "FAILED":
+            span.set_status(self._otel.error_status(str(error_code or status)))
+        self._otel.step_duration.record(max(duration_ms, 0), metric_attrs)
+
+
+class OtelRun(_Scope):
+    __slots__ = ("_attrs", "_name", "_wait_ms")
+
+    def __init__(
+        self,
+        otel: Instruments,
+        parent: Context | None,
+        name: str,
+        attrs: dict[str, str | int],
+        queue_wait_ms: int | None,
+    ) -> None:
+        super().__init__(otel, parent)
+        self._name = name
+        self._attrs = attrs
+        self._wait_ms = queue_wait_ms
+
+    def __enter__(self) -> OtelRun:
+        otel = self._otel
+        self._open(self._name, otel.trace.SpanKind.CONSUMER, self._attrs)
+        if self._wait_ms is not None:
+            # Clocks of producer and worker hosts differ; a negative wait is skew, not time.
+            otel.queue_wait.record(max(self._wait_ms, 0))
+        return self
+
+    def step(self, key: str) -> _OtelStep:
+        span = self._span
+        assert span is not None, "step() outside the run's with-block"
+        return _OtelStep(self._otel, self._otel.trace.set_span_in_context(span), key)
+
+    def end(self, status: str, error_code: str | None) -> None:
+        span = self._span
+        if span is None or self._ended:
+            return
+        self._ended = True
+        status = str(status)
+        span.set_attribute("workflow.run.status", status)
+        metric_attrs = {"workflow.run.status": status}
+        if error_code is not None:
+            span.set_attribute("error.type", str(error_code))
+            metric_attrs["error.type"] = str(error_code)
+        if status == "FAILED":
+            span.set_status(self._otel.error_status(str(error_code or status)))
+        self._otel.runs.add(1, metric_attrs)
