@@ -33,6 +33,7 @@ from runner.queue.keys import Keys
 from runner.queue.worker import QueueWorker, redis_options
 from runner.redact import SECRETS
 from runner.reporting.execlog import ExecutionLog, MongoExecutionLog
+from runner.reporting.resp import RespConnection
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
 from runner.runs import RunService
@@ -46,6 +47,7 @@ class Runtime:
     settings: Settings
     redis: aioredis.Redis
     events_redis: aioredis.Redis
+    status_connection: RespConnection
     session: aiohttp.ClientSession
     control_session: aiohttp.ClientSession
     execlog: ExecutionLog
@@ -67,6 +69,7 @@ class Runtime:
         await self.control_session.close()
         await self.redis.aclose()
         await self.events_redis.aclose()
+        self.status_connection.close()
 
 
 async def build(settings: Settings) -> Runtime:
@@ -85,6 +88,9 @@ async def build(settings: Settings) -> Runtime:
     opts = redis_options(settings.redis_url, settings.redis_socket_timeout_s)
     redis = aioredis.Redis(**opts)
     events_redis = aioredis.Redis(**opts)
+    status_connection = RespConnection(
+        settings.redis_url, timeout_s=settings.redis_socket_timeout_s
+    )
     policy = EgressPolicy.from_setting(settings.egress_allow)
     session = make_session(policy)
     control_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
@@ -136,7 +142,7 @@ async def build(settings: Settings) -> Runtime:
         credentials=CredentialSource(control_plane=control_plane, key=key),
         engine=Engine(transport, clock, step_parallelism=settings.step_parallelism),
         sink=RedisStatusSink(
-            redis,
+            status_connection,
             stream=settings.stream_key,
             keys=keys,
             maxlen=settings.status_stream_maxlen,
@@ -158,6 +164,7 @@ async def build(settings: Settings) -> Runtime:
         settings=settings,
         redis=redis,
         events_redis=events_redis,
+        status_connection=status_connection,
         session=session,
         control_session=control_session,
         execlog=execlog,

@@ -39,7 +39,6 @@ from runner.redact import SECRETS, LayeredRedactor, Redactor
 from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
 from runner.reporting.status import RunReporter, StatusSink
-from runner.reporting.stream import load_run_state
 from runner.telemetry import NOOP, RunSpan, Telemetry
 
 _encode = msgspec.json.Encoder().encode
@@ -102,9 +101,7 @@ class RunService:
         """Load, resolve and run. A failure before the first step (definition, credentials,
         input) is reported and returned as a FAILED outcome, unless it is an infrastructure
         failure with job attempts left: then BullMQ retries the job."""
-        raw_checkpoint, cancel_reason = await load_run_state(
-            self.redis, self.keys, data.workflow_run_id
-        )
+        raw_checkpoint, cancel_reason = await self.sink.run_state(data.workflow_run_id)
         checkpoint = parse_checkpoint(raw_checkpoint)
         redactor = self._base_redactor()
         reporter = self._reporter(job, data, redactor, checkpoint, total_steps=0)

@@ -3,7 +3,7 @@
 The control plane sets ``{prefix}:{queue}:cancel:{runId}`` (the reason, with an expiry) and
 publishes a ``cancel-job`` event on the queue's event stream. The key covers a cancel that
 arrives before the run starts or while no worker listens: it is read with the run's checkpoint
-before the first request (``runner.reporting.stream.load_run_state``).
+before the first request (``RedisStatusSink.run_state``).
 The event makes a running run stop at once: one reader per process follows the event stream
 (``XREAD BLOCK`` on its own connection) and resolves the future of the run it names.
 """

@@ -23,7 +23,7 @@ from runner.contract import RunEvent, StepEvent
 from runner.engine.ports import Attempt, RunStatus, StepResult
 from runner.errors import RunnerError
 from runner.reporting.execlog import ExecutionLog, LogLine
-from runner.reporting.stream import Transition
+from runner.reporting.stream import RunState, Transition
 
 PREVIEW_LIMIT_BYTES = 16 * 1024
 _STATUS = re.compile(rb'^\{"status":(\d+)')
@@ -35,6 +35,10 @@ class StatusSink(Protocol):
     async def write(self, transition: Transition) -> None:
         """Write the transition (all of it, atomically for its event and checkpoint); retries
         through short outages; raises if it cannot."""
+        ...
+
+    async def run_state(self, run_id: str) -> RunState:
+        """The run's checkpoint hash and the reason of a cancel requested before it started."""
         ...
 
 

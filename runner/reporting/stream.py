@@ -3,7 +3,8 @@
 A run reports each transition as one ``Transition``: its status event with the checkpoint
 fields that go with it, the BullMQ job progress, and ``job.log`` lines. ``RedisStatusSink``
 writes the transitions of all concurrent runs that arrive while the previous batch is in
-flight in one ``MULTI``/``EXEC`` pipeline:
+flight in one ``MULTI``/``EXEC`` on its own connection (``runner.reporting.resp``), together
+with the reads of runs about to start (their checkpoint and cancel key):
 
 - ``XADD`` the event to the status stream (``MAXLEN ~``);
 - ``HSET`` the event's ``seq`` (and a finished step's result) on the run's checkpoint hash and
@@ -26,14 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from bullmq.redis_connection import loadScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runner.log import log
 from runner.queue.keys import Keys
+from runner.reporting.resp import Arg, Command, ReplyError, RespConnection
 
 _UPDATE_PROGRESS = loadScript("updateProgress-3.lua")
 _ADD_LOG = loadScript("addLog-2.lua")
@@ -54,9 +52,12 @@ class Transition:
 
 
 class RedisStatusSink:
+    """Writes transitions, and reads the state runs start from, in batches over one
+    ``RespConnection``: everything that arrives while a batch is in flight rides the next."""
+
     def __init__(
         self,
-        client: aioredis.Redis,
+        connection: RespConnection,
         *,
         stream: str,
         keys: Keys,
@@ -64,31 +65,40 @@ class RedisStatusSink:
         retention_s: int = 7 * 86_400,
         outage_s: float = 120.0,
     ) -> None:
-        self.client = client
+        self.connection = connection
         self.stream = stream
         self.keys = keys
         self.maxlen = maxlen
         self.retention_s = retention_s
         self.outage_s = outage_s
-        self._pending: list[tuple[Transition, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Transition | _StateRead, asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._progress_sha = ""
         self._log_sha = ""
         self.batches = 0
 
     async def write(self, transition: Transition) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((transition, future))
+        await self._enqueue(transition)
+
+    async def run_state(self, run_id: str) -> RunState:
+        """What a run needs before it starts: its checkpoint hash and the reason of a cancel
+        requested before it started (CONTRACT §8), if any; read in the next batch."""
+        state: RunState = await self._enqueue(_StateRead(run_id))
+        return state
+
+    def _enqueue(self, item: Transition | _StateRead) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.ensure_future(self._drain())
-        await future
+        return future
 
     async def _drain(self) -> None:
         # One batch in flight at a time: what arrives meanwhile rides the next one.
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                await self._send([t for t, _ in batch])
+                results = await self._send([item for item, _ in batch])
             except BaseException as err:
                 for _, future in batch:
                     if not future.done():
@@ -97,19 +107,23 @@ class RedisStatusSink:
                 if not isinstance(err, Exception):
                     raise
             else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
 
-    async def _send(self, batch: list[Transition]) -> None:
+    async def _send(self, batch: list[Transition | _StateRead]) -> list[Any]:
         deadline = time.monotonic() + self.outage_s
         delay_s = 0.05
         while True:
             try:
-                await self._execute(batch)
+                results = await self._execute(batch)
                 self.batches += 1
-                return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                return results
+            except OSError as err:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("status.retry", transitions=len(batch), error=type(err).__name__)
@@ -118,68 +132,101 @@ class RedisStatusSink:
 
     async def _ensure_scripts(self) -> None:
         if not self._progress_sha:
-            self._progress_sha = await self.client.script_load(_UPDATE_PROGRESS)
-            self._log_sha = await self.client.script_load(_ADD_LOG)
+            replies = await self.connection.execute(
+                [(b"SCRIPT", b"LOAD", _UPDATE_PROGRESS), (b"SCRIPT", b"LOAD", _ADD_LOG)]
+            )
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    raise ConnectionError(f"Redis refused BullMQ's scripts: {reply}")
+            self._progress_sha, self._log_sha = (r.decode() for r in replies)
 
-    async def _execute(self, batch: list[Transition]) -> None:
+    async def _execute(self, batch: list[Transition | _StateRead]) -> list[Any]:
         await self._ensure_scripts()
-        pipe = self.client.pipeline(transaction=True)
-        scripted: list[tuple[int, str, list[Any]]] = []
-        index = 0
+        commands: list[Command] = []
+        scripted: list[tuple[int, Command]] = []
+        reads: list[int] = []
         events_key, meta_key = self.keys.events(), self.keys.meta()
         for t in batch:
+            if isinstance(t, _StateRead):
+                reads.append(len(commands))
+                commands.append((b"HGETALL", self.keys.run(t.run_id)))
+                commands.append((b"GET", self.keys.cancel(t.run_id)))
+                continue
             if t.event is not None:
                 run_key = self.keys.run(t.run_id)
-                mapping: dict[str, bytes | str] = {"seq": str(t.seq)}
+                commands.append(
+                    (b"XADD", self.stream, b"MAXLEN", b"~", self.maxlen, b"*", b"event", t.event)
+                )
+                hset: list[Arg] = [b"HSET", run_key, b"seq", t.seq or 0]
                 if t.checkpoint:
-                    mapping.update(t.checkpoint)
-                pipe.xadd(self.stream, {"event": t.event}, maxlen=self.maxlen, approximate=True)
-                pipe.hset(run_key, mapping=mapping)  # type: ignore[arg-type]
-                index += 2
+                    for name, value in t.checkpoint.items():
+                        hset += (name, value)
+                commands.append(tuple(hset))
                 if t.checkpoint:
                     # Renewed with each checkpoint write (the run's start, each finished step),
                     # which is often enough for a retention counted in days.
-                    pipe.expire(run_key, self.retention_s)
-                    index += 1
+                    commands.append((b"EXPIRE", run_key, self.retention_s))
             job_key = self.keys.job(t.job_id)
             if t.progress is not None:
-                args: list[Any] = [job_key, events_key, meta_key, t.job_id, t.progress]
-                pipe.evalsha(self._progress_sha, 3, *args)
-                scripted.append((index, "progress", args))
-                index += 1
+                args: tuple[Arg, ...] = (3, job_key, events_key, meta_key, t.job_id, t.progress)
+                scripted.append((len(commands), (b"EVALSHA", self._progress_sha, *args)))
+                commands.append(scripted[-1][1])
             for line in t.log_lines:
                 keep = str(t.keep_logs) if t.keep_logs else ""
-                args = [job_key, self.keys.job_logs(t.job_id), t.job_id, line, keep]
-                pipe.evalsha(self._log_sha, 2, *args)
-                scripted.append((index, "log", args))
-                index += 1
-        results = await pipe.execute(raise_on_error=False)
-        await self._repair(results, scripted)
+                args = (2, job_key, self.keys.job_logs(t.job_id), t.job_id, line, keep)
+                scripted.append((len(commands), (b"EVALSHA", self._log_sha, *args)))
+                commands.append(scripted[-1][1])
+        replies = await self.connection.execute(commands, transaction=True)
+        await self._repair(replies, scripted)
+        results: list[Any] = []
+        read = iter(reads)
+        at = next(read, -1)
+        for t in batch:
+            if isinstance(t, _StateRead):
+                results.append(_run_state(replies[at], replies[at + 1]))
+                at = next(read, -1)
+            else:
+                results.append(None)
+        return results
 
-    async def _repair(self, results: list[Any], scripted: list[tuple[int, str, list[Any]]]) -> None:
+    async def _repair(self, replies: list[Any], scripted: list[tuple[int, Command]]) -> None:
         """Scripts vanish when Redis restarts without persistence of its script cache: load
         them again and send only the script calls that missed (the events were written)."""
-        missed = [(kind, args) for i, kind, args in scripted if _is_noscript(results[i])]
-        errors = [r for r in results if isinstance(r, Exception) and not _is_noscript(r)]
+        missed = [command for i, command in scripted if _is_noscript(replies[i])]
+        errors = [r for r in replies if isinstance(r, ReplyError) and not _is_noscript(r)]
         if errors:
             log.warning("status.command_error", error=str(errors[0])[:200], count=len(errors))
         if not missed:
             return
+        old = {self._progress_sha: "progress", self._log_sha: "log"}
         self._progress_sha = self._log_sha = ""
         await self._ensure_scripts()
-        pipe = self.client.pipeline(transaction=True)
-        for kind, args in missed:
-            if kind == "progress":
-                pipe.evalsha(self._progress_sha, 3, *args)
-            else:
-                pipe.evalsha(self._log_sha, 2, *args)
-        await pipe.execute(raise_on_error=False)
+        sha = {"progress": self._progress_sha, "log": self._log_sha}
+        again = [(c[0], sha[old[str(c[1])]], *c[2:]) for c in missed]
+        await self.connection.execute(again, transaction=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _StateRead:
+    run_id: str
+
+
+RunState = tuple[dict[bytes, bytes], str | None]
+
+
+def _run_state(checkpoint: Any, cancel: Any) -> RunState:
+    for reply in (checkpoint, cancel):
+        if isinstance(reply, ReplyError):
+            raise RuntimeError(f"the run's state could not be read: {reply}")
+    fields = dict(zip(checkpoint[::2], checkpoint[1::2], strict=True))
+    reason = None
+    if cancel is not None:
+        reason = cancel.decode("utf-8", "replace") or "canceled"
+    return fields, reason
 
 
 def _is_noscript(result: Any) -> bool:
-    return isinstance(result, NoScriptError) or (
-        isinstance(result, ResponseError) and "NOSCRIPT" in str(result)
-    )
+    return isinstance(result, ReplyError) and str(result).startswith("NOSCRIPT")
 
 
 @dataclass
@@ -191,6 +238,12 @@ class MemoryStatusSink:
     runs: dict[str, dict[str, bytes]] = field(default_factory=dict)
     progress: dict[str, list[bytes]] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
+    cancels: dict[str, str] = field(default_factory=dict)
+
+    async def run_state(self, run_id: str) -> RunState:
+        checkpoint = {k.encode(): v for k, v in self.runs.get(run_id, {}).items()}
+        reason = self.cancels.get(run_id)
+        return checkpoint, (reason or "canceled") if reason is not None else None
 
     async def write(self, transition: Transition) -> None:
         t = transition
@@ -222,19 +275,3 @@ class JobView:
     @property
     def lines(self) -> list[str]:
         return list(self.sink.logs.get(self.job_id, []))
-
-
-async def load_run_state(
-    client: aioredis.Redis, keys: Keys, run_id: str
-) -> tuple[dict[bytes, bytes], str | None]:
-    """What a run needs before it starts, in one round trip: its checkpoint hash and the reason
-    of a cancel requested before it started (CONTRACT §8), if any."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hgetall(keys.run(run_id))
-    pipe.get(keys.cancel(run_id))
-    checkpoint, cancel = await pipe.execute()
-    reason = None
-    if cancel is not None:
-        reason = cancel.decode("utf-8", "replace") if isinstance(cancel, bytes) else str(cancel)
-        reason = reason or "canceled"
-    return dict(checkpoint), reason

@@ -1,0 +1,129 @@
+"""The status writer's own Redis connection: commands packed as RESP by hand, replies parsed by
+hiredis, one deadline per batch.
+
+The status writer sends one ``MULTI``/``EXEC`` of some hundred commands per round trip. Through
+redis-py's pipeline each command went through its encoder and packer, and each of the
+``QUEUED`` replies was read under its own timeout: a quarter of the runner's CPU on a three-step
+workflow (``docs/performance.md``). This connection does only what the batches need: write one
+buffer, read as many replies, all within one timeout. After any failure it closes; the next
+batch connects again (the writer's retry loop decides when).
+
+Connection options come from the same ``redis://``, ``rediss://`` or ``unix://`` URL as the
+rest of the runner: host, port, database, username, password, TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import parse_url
+
+Arg = bytes | str | int
+Command = tuple[Arg, ...]
+
+ReplyError = hiredis.ReplyError
+
+
+def pack(commands: list[Command]) -> bytes:
+    """RESP arrays of bulk strings, the form Redis reads every command in."""
+    out = bytearray()
+    for command in commands:
+        out += b"*%d\r\n" % len(command)
+        for arg in command:
+            if isinstance(arg, str):
+                arg = arg.encode()
+            elif isinstance(arg, int):
+                arg = b"%d" % arg
+            out += b"$%d\r\n" % len(arg)
+            out += arg
+            out += b"\r\n"
+    return bytes(out)
+
+
+class RespConnection:
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self.options: dict[str, Any] = dict(parse_url(url))
+        self.tls = url.startswith("rediss://")
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader()
+
+    async def execute(self, commands: list[Command], *, transaction: bool = False) -> list[Any]:
+        """Send the commands in one write and return their replies, in order. A command's
+        error is returned as a ``ReplyError`` in its place, not raised. With ``transaction``
+        they run inside ``MULTI``/``EXEC``. Raises ``OSError`` (``ConnectionError``,
+        ``TimeoutError``) when the connection fails; the connection is then closed."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if self._writer is None:
+                    await self._connect()
+                if not transaction:
+                    return await self._round_trip(commands)
+                replies = await self._round_trip([(b"MULTI",), *commands, (b"EXEC",)])
+                result = replies[-1]
+                if isinstance(result, ReplyError):
+                    # EXECABORT: a command was refused while queueing; name the first refusal.
+                    refused = next((r for r in replies[1:-1] if isinstance(r, ReplyError)), result)
+                    return [refused] * len(commands)
+                if result is None:
+                    raise ConnectionError("Redis discarded the transaction")
+                return list(result)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _round_trip(self, commands: list[Command]) -> list[Any]:
+        assert self._writer is not None and self._reader is not None
+        self._writer.write(pack(commands))
+        replies: list[Any] = []
+        parser, reader = self._parser, self._reader
+        while len(replies) < len(commands):
+            reply = parser.gets()
+            if reply is False:
+                data = await reader.read(262_144)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                parser.feed(data)
+                continue
+            replies.append(reply)
+        return replies
+
+    async def _connect(self) -> None:
+        o = self.options
+        if "path" in o:
+            self._reader, self._writer = await asyncio.open_unix_connection(o["path"])
+        else:
+            context = None
+            if self.tls:
+                context = ssl.create_default_context(cafile=o.get("ssl_ca_certs"))
+                if o.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+            self._reader, self._writer = await asyncio.open_connection(
+                o.get("host", "127.0.0.1"), int(o.get("port", 6379)), ssl=context
+            )
+        self._parser = hiredis.Reader()
+        setup: list[Command] = []
+        if o.get("password") is not None:
+            user = o.get("username")
+            setup.append(("AUTH", user, o["password"]) if user else ("AUTH", o["password"]))
+        if int(o.get("db", 0) or 0):
+            setup.append(("SELECT", int(o["db"])))
+        if setup:
+            for reply in await self._round_trip(setup):
+                if isinstance(reply, ReplyError):
+                    # The server's words (wrong password, no such user): never the password.
+                    raise ConnectionError(f"Redis refused the connection setup: {reply}")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
