@@ -46,7 +46,6 @@ class Runtime:
 
     settings: Settings
     redis: aioredis.Redis
-    events_redis: aioredis.Redis
     status_connection: RespConnection
     session: aiohttp.ClientSession
     control_session: aiohttp.ClientSession
@@ -68,7 +67,6 @@ class Runtime:
         await self.session.close()
         await self.control_session.close()
         await self.redis.aclose()
-        await self.events_redis.aclose()
         self.status_connection.close()
 
 
@@ -87,7 +85,6 @@ async def build(settings: Settings) -> Runtime:
     keys = Keys(settings.queue_prefix, settings.queue)
     opts = redis_options(settings.redis_url, settings.redis_socket_timeout_s)
     redis = aioredis.Redis(**opts)
-    events_redis = aioredis.Redis(**opts)
     status_connection = RespConnection(
         settings.redis_url, timeout_s=settings.redis_socket_timeout_s
     )
@@ -136,7 +133,9 @@ async def build(settings: Settings) -> Runtime:
         execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().value(value))
     definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
     tel = telemetry.from_env(os.environ, queue_name=settings.queue)
-    cancels = CancelWatch(events_redis, keys)
+    cancels = CancelWatch(
+        RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s), keys
+    )
     service = RunService(
         definitions=definitions,
         credentials=CredentialSource(control_plane=control_plane, key=key),
@@ -163,7 +162,6 @@ async def build(settings: Settings) -> Runtime:
     return Runtime(
         settings=settings,
         redis=redis,
-        events_redis=events_redis,
         status_connection=status_connection,
         session=session,
         control_session=control_session,
