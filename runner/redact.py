@@ -152,8 +152,8 @@ class Redactor:
 
     __slots__ = (
         "_ascii_names",
+        "_ascii_names_b",
         "_names",
-        "_names_probe",
         "_names_re",
         "_other_names_probe",
         "_secrets",
@@ -168,12 +168,10 @@ class Redactor:
         self._secrets_re = self._compile_secrets(self._secrets)
         self._names_re = self._compile_names(self._names)
         # re.IGNORECASE defeats the regex engine's literal-prefix scan (8x slower on a typical
-        # line), so a case-sensitive probe over the lower-cased line decides whether to run it.
-        self._names_probe = re.compile(_trie_pattern(self._names))
-        # For the clean-check of encoded JSON: substring searches over the lower-cased bytes
-        # beat the regex probe about threefold on an event; names outside ASCII (which
-        # bytes.lower() does not fold) keep the regex.
-        self._ascii_names = tuple(n.encode() for n in sorted(self._names) if n.isascii())
+        # line), so plain substring searches over the lower-cased text decide whether to run
+        # it; names outside ASCII, which bytes.lower() does not fold, are probed by a regex.
+        self._ascii_names = tuple(n for n in sorted(self._names) if n.isascii())
+        self._ascii_names_b = tuple(n.encode() for n in self._ascii_names)
         others = [n for n in self._names if not n.isascii()]
         self._other_names_probe = re.compile(_trie_pattern(others)) if others else None
 
@@ -230,7 +228,7 @@ class Redactor:
     def text(self, s: str) -> str:
         if self._secrets:
             s = self._secrets_re.sub(REDACTED, s)
-        if self._names_probe.search(s.lower()):
+        if self._may_name(s.lower()):
             s = self._names_re.sub(_mask_named_value, s)
         if "@" in s and "://" in s:
             s = _USERINFO.sub(r"\1" + REDACTED + "@", s)
@@ -278,16 +276,25 @@ class Redactor:
         rendering of the data it was made from needs masking."""
         if self._secrets and self._secrets_re.search(text) is not None:
             return False
-        if self._names_probe.search(text.lower()) is not None:
+        if self._may_name(text.lower()):
             return False
         return not ("@" in text and "://" in text)
+
+    def _may_name(self, lowered: str) -> bool:
+        """Whether a sensitive name occurs in the lower-cased text: substring searches, which
+        beat the regex probe about threefold on a typical line."""
+        for name in self._ascii_names:
+            if name in lowered:
+                return True
+        probe = self._other_names_probe
+        return probe is not None and probe.search(lowered) is not None
 
     def is_clean_json(self, raw: bytes) -> bool:
         """``is_clean`` for encoded JSON (UTF-8), without decoding it when no secret is set."""
         if self._secrets and self._secrets_re.search(raw.decode("utf-8", "replace")) is not None:
             return False
         lowered = raw.lower()
-        for name in self._ascii_names:
+        for name in self._ascii_names_b:
             if name in lowered:
                 return False
         probe = self._other_names_probe

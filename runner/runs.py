@@ -149,7 +149,9 @@ class RunService:
             with self.cancels.watch(ctx.run_id) as cancel:
                 ctx.cancel = cancel
                 ctx.hand_back = lambda: hand_back
-                return await self.engine.run(plan, ctx, reporter)
+                outcome = await self.engine.run(plan, ctx, reporter)
+                await reporter.flush()  # a run handed back before its first step reported
+                return outcome
         finally:
             self._hand_backs.pop(ctx.run_id, None)
 

@@ -12,6 +12,7 @@ strictly within a run: the counter starts above the checkpoint's last published 
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -32,9 +33,9 @@ _encode = msgspec.json.Encoder().encode
 
 
 class StatusSink(Protocol):
-    async def write(self, transition: Transition) -> None:
-        """Write the transition (all of it, atomically for its event and checkpoint); retries
-        through short outages; raises if it cannot."""
+    async def write(self, *transitions: Transition) -> None:
+        """Write the transitions in order, all of them atomically; retries through short
+        outages; raises if it cannot."""
         ...
 
     async def run_state(self, run_id: str) -> RunState:
@@ -103,10 +104,15 @@ class RunReporter:
         self.seq = last_seq
         self.completed = completed_steps
         self.started_ms: int | None = None
+        # The run's RUNNING transition, written with the first step's (see ``run_started``).
+        self._held: Transition | None = None
 
     # -- the engine's Reporter ------------------------------------------------------------
 
     async def run_started(self, started_ms: int) -> None:
+        """The run's RUNNING event waits for the next transition (its first step's RUNNING,
+        or its end) and goes in the same transaction: one write fewer per run, and no step
+        event is ever written without it."""
         self.started_ms = started_ms
         await self._publish(
             RunEvent(
@@ -121,6 +127,7 @@ class RunReporter:
             ),
             {"startedAt": str(started_ms).encode()},
             lines=(f"run RUNNING ({self.total_steps} steps)",),
+            hold=True,
         )
         self._exec("info", "run started", {"totalSteps": self.total_steps})
 
@@ -157,7 +164,7 @@ class RunReporter:
             text = f"{attempt.step_key} attempt {attempt.number} failed: {attempt.error}"
             if attempt.decision is not None:
                 text += f"; {attempt.decision.message}"
-            await self.sink.write(
+            await self._write(
                 Transition(
                     self.run_id,
                     self.job_id,
@@ -303,25 +310,41 @@ class RunReporter:
         *,
         progress: dict[str, Any] | None = None,
         lines: tuple[str, ...] = (),
+        hold: bool = False,
     ) -> None:
-        """One transition: the event with its checkpoint fields, progress and log lines."""
-        await self.sink.write(
-            Transition(
-                self.run_id,
-                self.job_id,
-                event=self.redact.json(event),
-                seq=event.seq,
-                checkpoint=checkpoint,
-                progress=_encode(progress) if progress is not None else None,
-                log_lines=tuple(self._line(text) for text in lines),
-                keep_logs=self.keep_logs,
-            )
+        """One transition: the event with its checkpoint fields, progress and log lines.
+        ``hold`` keeps it to be written with the next one, in the same transaction."""
+        transition = Transition(
+            self.run_id,
+            self.job_id,
+            event=self.redact.json(event),
+            seq=event.seq,
+            checkpoint=checkpoint,
+            progress=_encode(progress) if progress is not None else None,
+            log_lines=tuple(self._line(text) for text in lines),
+            keep_logs=self.keep_logs,
         )
+        if hold:
+            self._held = transition
+        else:
+            await self._write(transition)
+
+    async def _write(self, transition: Transition) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            await self.sink.write(transition)
+        else:
+            await self.sink.write(held, transition)
+
+    async def flush(self) -> None:
+        """Write a held transition now (a run that stops before its first step reports)."""
+        held, self._held = self._held, None
+        if held is not None:
+            await self.sink.write(held)
 
     def _line(self, text: str) -> str:
         now = self.now_ms()
-        stamp = time.strftime("%H:%M:%S", time.gmtime(now / 1000)) + f".{now % 1000:03d}Z"
-        return self.redact.text(f"{stamp} {text}")
+        return self.redact.text(f"{_clock_time(now // 1000)}.{now % 1000:03d}Z {text}")
 
     def _exec(
         self,
@@ -347,6 +370,12 @@ class RunReporter:
                 attempt=attempt,
             )
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _clock_time(epoch_s: int) -> str:
+    """HH:MM:SS (UTC) of a second: the same few seconds are asked for many times over."""
+    return time.strftime("%H:%M:%S", time.gmtime(epoch_s))
 
 
 def _checkpoint_of(result: StepResult, output_json: bytes | None) -> dict[str, Any]:

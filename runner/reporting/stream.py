@@ -71,14 +71,15 @@ class RedisStatusSink:
         self.maxlen = maxlen
         self.retention_s = retention_s
         self.outage_s = outage_s
-        self._pending: list[tuple[Transition | _StateRead, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Transition | _StateRead, asyncio.Future[Any] | None]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._progress_sha = ""
         self._log_sha = ""
         self.batches = 0
 
-    async def write(self, transition: Transition) -> None:
-        await self._enqueue(transition)
+    async def write(self, *transitions: Transition) -> None:
+        """Write the transitions, in order, in one transaction."""
+        await self._enqueue(*transitions)
 
     async def run_state(self, run_id: str) -> RunState:
         """What a run needs before it starts: its checkpoint hash and the reason of a cancel
@@ -86,9 +87,14 @@ class RedisStatusSink:
         state: RunState = await self._enqueue(_StateRead(run_id))
         return state
 
-    def _enqueue(self, item: Transition | _StateRead) -> asyncio.Future[Any]:
+    def _enqueue(self, *items: Transition | _StateRead) -> asyncio.Future[Any]:
+        """Queue the items for the next batch (all of them in the same one); the future
+        resolves with the last item's result when that batch is written."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        pending = self._pending
+        for item in items[:-1]:
+            pending.append((item, None))
+        pending.append((items[-1], future))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.ensure_future(self._drain())
         return future
@@ -101,14 +107,14 @@ class RedisStatusSink:
                 results = await self._send([item for item, _ in batch])
             except BaseException as err:
                 for _, future in batch:
-                    if not future.done():
+                    if future is not None and not future.done():
                         failure = err if isinstance(err, Exception) else RuntimeError("cancelled")
                         future.set_exception(failure)
                 if not isinstance(err, Exception):
                     raise
             else:
                 for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():
+                    if future is None or future.done():
                         continue
                     if isinstance(result, Exception):
                         future.set_exception(result)
@@ -245,8 +251,11 @@ class MemoryStatusSink:
         reason = self.cancels.get(run_id)
         return checkpoint, (reason or "canceled") if reason is not None else None
 
-    async def write(self, transition: Transition) -> None:
-        t = transition
+    async def write(self, *transitions: Transition) -> None:
+        for t in transitions:
+            self._write(t)
+
+    def _write(self, t: Transition) -> None:
         if t.event is not None:
             self.events.append(t.event)
             run = self.runs.setdefault(t.run_id, {})

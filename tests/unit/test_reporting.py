@@ -160,17 +160,47 @@ async def test_given_every_event_when_published_then_the_checkpoint_seq_follows_
     seen: list[bytes] = []
     write = h.sink.write
 
-    async def spy(transition: Transition) -> None:
-        await write(transition)
-        if transition.event is not None:
-            assert json.loads(transition.event)["seq"] == transition.seq
-            seen.append(h.sink.runs[transition.run_id]["seq"])
+    async def spy(*transitions: Transition) -> None:
+        # Written one by one, to see the checkpoint after each.
+        for transition in transitions:
+            await write(transition)
+            if transition.event is not None:
+                assert json.loads(transition.event)["seq"] == transition.seq
+                seen.append(h.sink.runs[transition.run_id]["seq"])
 
     h.sink.write = spy  # type: ignore[method-assign]
 
     await a_short_run(h)
 
     assert seen == [str(n).encode() for n in range(6, 14)]
+
+
+async def test_given_a_run_start_then_its_event_is_written_with_the_first_step_in_one_write() -> (
+    None
+):
+    h = harness()
+    writes: list[list[str]] = []
+    write = h.sink.write
+
+    async def spy(*transitions: Transition) -> None:
+        writes.append([json.loads(t.event)["status"] if t.event else "log" for t in transitions])
+        await write(*transitions)
+
+    h.sink.write = spy  # type: ignore[method-assign]
+
+    await h.reporter.run_started(1000)
+    assert writes == []  # held
+    await h.reporter.step_running("a", 1, 1001)
+    assert writes == [["RUNNING", "RUNNING"]]
+    assert [e["kind"] for e in h.events()] == ["run", "step"]
+
+
+async def test_given_a_held_run_start_when_flushed_then_it_is_written_alone() -> None:
+    h = harness()
+    await h.reporter.run_started(1000)
+    await h.reporter.flush()
+    await h.reporter.flush()
+    assert [(e["kind"], e["status"]) for e in h.events()] == [("run", "RUNNING")]
 
 
 async def test_given_run_events_when_published_then_they_carry_no_step_fields() -> None:
