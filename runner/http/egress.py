@@ -309,13 +309,17 @@ def _parse_allow(entries: Iterable[str]) -> _AllowList:
 
 
 class EgressPolicy:
-    """The default deny list plus the operator's allow list; immutable and shareable."""
+    """The default deny list plus the operator's allow list; immutable (but for a memo of the
+    URL hosts that passed) and shareable."""
 
     def __init__(self, allow: Sequence[str] = ()) -> None:
         if isinstance(allow, str):
             # A bare string would be read character by character.
             raise TypeError("allow must be a sequence of entries, not a string")
         self._allow = _parse_allow(allow)
+        # URL hosts that passed ``check_url_host``: the answer for a host string never changes
+        # under one policy, and parsing an address literal was most of each request's check.
+        self._passed: set[str] = set()
 
     @classmethod
     def from_setting(cls, value: str | None) -> EgressPolicy:
@@ -364,6 +368,14 @@ class EgressPolicy:
         resolver answers), except loopback names such as ``localhost`` and ``*.localhost``
         that are not allow-listed.
         """
+        if host in self._passed:
+            return
+        self._check_url_host(host)
+        if len(self._passed) >= 4096:
+            self._passed.clear()
+        self._passed.add(host)
+
+    def _check_url_host(self, host: str) -> None:
         try:
             address = parse_ip_literal(host)
         except ValueError as exc:

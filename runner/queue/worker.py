@@ -235,15 +235,28 @@ def _name_in_finished_opts(worker: Worker, name: str) -> None:
     given; the Python caller leaves it out, so add it to the packed options."""
     scripts = worker.scripts
     build_args = scripts.moveToFinishedArgs
+    entry = msgpack.packb("name") + msgpack.packb(name, use_bin_type=True)
 
     def with_name(*args: Any, **kwargs: Any) -> Any:
         keys, argv = build_args(*args, **kwargs)
-        opts = msgpack.unpackb(argv[7], raw=False)
-        opts["name"] = name
-        argv[7] = msgpack.packb(opts, use_bin_type=True)
+        argv[7] = _with_map_entry(argv[7], entry)
         return keys, argv
 
     scripts.moveToFinishedArgs = with_name
+
+
+def _with_map_entry(packed: bytes, entry: bytes) -> bytes:
+    """A msgpack map with one more key-value pair (``entry``, packed) appended: its header's
+    count goes up by one. Once per job, so done on the bytes rather than by unpacking."""
+    head = packed[0]
+    if 0x80 <= head < 0x8F:  # fixmap of up to 14 entries
+        return bytes((head + 1,)) + packed[1:] + entry
+    if head == 0xDE and packed[1:3] != b"\xff\xff":  # map16
+        count = int.from_bytes(packed[1:3], "big") + 1
+        return b"\xde" + count.to_bytes(2, "big") + packed[3:] + entry
+    unpacked = msgpack.unpackb(packed, raw=False)
+    unpacked.update(msgpack.unpackb(b"\x81" + entry, raw=False))
+    return msgpack.packb(unpacked, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def _name_only_the_blocking_connection(worker: Worker, base_name: str) -> None:

@@ -549,3 +549,14 @@ def test_egress_error_ignores_other_errors() -> None:
     cyclic.__context__ = RuntimeError("b")
     cyclic.__context__.__context__ = cyclic
     assert egress_error(cyclic) is None
+
+
+def test_a_host_that_passed_is_remembered_and_a_refused_one_is_refused_every_time() -> None:
+    policy = EgressPolicy.from_setting("10.0.0.0/8")
+    for _ in range(3):
+        policy.check_url_host("10.1.2.3")
+        policy.check_url_host("api.example.com")
+        for refused in ("127.0.0.1", "0x7f000001", "localhost"):
+            with pytest.raises(TransportError) as caught:
+                policy.check_url_host(refused)
+            assert caught.value.code == ErrorCode.EGRESS_DENIED

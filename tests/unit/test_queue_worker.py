@@ -1,14 +1,22 @@
-"""The BullMQ boundary's guards, without Redis: the processor wrapper and the watchdog."""
+"""The BullMQ boundary's guards, without Redis: the processor wrapper, the watchdog, the
+worker name added to ``moveToFinished``'s packed options."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
-from runner.queue.worker import QueueWorker, node_client_name, queue_client_name, redis_options
+from runner.queue.worker import (
+    QueueWorker,
+    _with_map_entry,
+    node_client_name,
+    queue_client_name,
+    redis_options,
+)
 from runner.settings import Settings
 
 
@@ -104,3 +112,15 @@ def test_the_socket_timeout_outlasts_bullmqs_longest_blocking_read() -> None:
         2,
         "pw",
     )
+
+
+@pytest.mark.parametrize("entries", [0, 1, 14, 15, 16, 70_000])
+def test_given_packed_options_of_any_size_when_named_then_the_name_is_one_more_entry(
+    entries: int,
+) -> None:
+    options = {f"k{i}": i for i in range(entries)}
+    entry = msgpack.packb("name") + msgpack.packb("host-1", use_bin_type=True)
+
+    named = _with_map_entry(msgpack.packb(options, use_bin_type=True), entry)
+
+    assert msgpack.unpackb(named, raw=False) == {**options, "name": "host-1"}
