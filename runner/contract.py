@@ -11,6 +11,7 @@ Decoders are built once here and reused; ``decode_*`` translate msgspec's errors
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -202,6 +203,77 @@ def path_of(err: msgspec.ValidationError) -> str:
     return f"{where.rstrip('`')}: {_lower_first(message).replace('`', '')}"
 
 
+_SEGMENT = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _located(path: str, raw: Any, type_: Any) -> str:
+    """``path_of``'s text with each ``[...]`` (msgspec's stand-in for a mapping's key) replaced
+    by the key, found by decoding the mapping's entries one at a time. Only on the error path:
+    "$.connections[...].type" says which of many connections is wrong."""
+    where, sep, message = path.partition(": ")
+    if "[...]" not in where or not sep:
+        return path
+    try:
+        data = msgspec.json.decode(raw) if isinstance(raw, (bytes, str)) else raw
+    except (msgspec.DecodeError, UnicodeEncodeError):
+        return path
+    parts = where.split("[...]")
+    keys: list[str] = []
+    for level in range(len(parts) - 1):
+        steps = _steps(parts[: level + 1], keys)
+        mapping = _walk(data, steps)
+        if not isinstance(mapping, dict):
+            return path
+        for key, value in mapping.items():
+            trial = _replaced(data, steps, {key: value})
+            try:
+                msgspec.convert(trial, type_, str_keys=True)
+            except msgspec.ValidationError as err:
+                if path_of(err) == path:
+                    keys.append(key)
+                    data = trial
+                    break
+        else:
+            return path
+    shown = [
+        f"{part}[{msgspec.json.encode(key).decode()}]"
+        for part, key in zip(parts[:-1], keys, strict=True)
+    ]
+    return "".join(shown) + parts[-1] + sep + message
+
+
+def _steps(parts: list[str], keys: list[str]) -> list[str | int]:
+    """The way down to a node: field names and mapping keys (str), list indexes (int)."""
+    steps: list[str | int] = []
+    for i, part in enumerate(parts):
+        for name, index in _SEGMENT.findall(part[1:] if i == 0 else part):
+            steps.append(name if name else int(index))
+        if i < len(keys):
+            steps.append(keys[i])
+    return steps
+
+
+def _walk(data: Any, steps: list[str | int]) -> Any:
+    for step in steps:
+        if isinstance(step, str) and isinstance(data, dict):
+            data = data.get(step)
+        elif isinstance(step, int) and isinstance(data, list) and step < len(data):
+            data = data[step]
+        else:
+            return None
+    return data
+
+
+def _replaced(data: Any, steps: list[str | int], value: Any) -> Any:
+    """A copy of ``data`` with the node at ``steps`` replaced (the copy shares the rest)."""
+    if not steps:
+        return value
+    step, rest = steps[0], steps[1:]
+    copy: Any = dict(data) if isinstance(step, str) else list(data)
+    copy[step] = _replaced(data[step], rest, value)
+    return copy
+
+
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
@@ -213,7 +285,7 @@ def decode_job_data(raw: Any) -> JobData:
             return _job_decoder.decode(raw)
         return msgspec.convert(raw, JobData)
     except msgspec.ValidationError as err:
-        raise PayloadError(path_of(err)) from None
+        raise PayloadError(_located(path_of(err), raw, JobData)) from None
     except msgspec.DecodeError as err:
         raise PayloadError(f"$: not valid JSON ({err})") from None
     except UnicodeEncodeError:
@@ -228,7 +300,7 @@ def decode_workflow_version(raw: Any, where: str = "$") -> WorkflowVersion:
             return _version_decoder.decode(raw)
         return msgspec.convert(raw, WorkflowVersion)
     except msgspec.ValidationError as err:
-        path = path_of(err)
+        path = _located(path_of(err), raw, WorkflowVersion)
         raise DefinitionError(where + path[1:] if path.startswith("$") else path) from None
     except msgspec.DecodeError as err:
         raise DefinitionError(f"{where}: not valid JSON ({err})") from None
@@ -241,6 +313,7 @@ def decode_credentials(raw: bytes | str) -> ResolvedCredentials:
     try:
         return _credentials_decoder.decode(raw)
     except msgspec.ValidationError as err:
-        raise CredentialsError(f"credentials do not decode: {path_of(err)}") from None
+        path = _located(path_of(err), raw, ResolvedCredentials)
+        raise CredentialsError(f"credentials do not decode: {path}") from None
     except msgspec.DecodeError:
         raise CredentialsError("credentials are not valid JSON") from None

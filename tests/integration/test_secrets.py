@@ -860,7 +860,7 @@ async def test_bad_credentials_fail_the_run_with_a_clear_reason_and_no_secret(
     assert reasons == {
         "run_unknown_type": (
             "CREDENTIALS_UNAVAILABLE: credentials do not decode:"
-            " $.connections[...].type: invalid enum value 'SAML'"
+            " $.connections[\"conn_api\"].type: invalid enum value 'SAML'"
         ),
         "run_missing_field": (
             "CREDENTIALS_UNAVAILABLE: call: connection conn_api (API_KEY): secrets.apiKey is missing"

@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import pytest
 
 from runner.contract import (
     JobData,
+    _located,
+    decode_credentials,
     decode_job_data,
     decode_workflow_version,
+    path_of,
 )
-from runner.errors import DefinitionError, ErrorCode, PayloadError
+from runner.errors import CredentialsError, DefinitionError, ErrorCode, PayloadError
 
 JOB: dict[str, Any] = {
     "workflowRunId": "run_8f2c",
@@ -246,3 +250,67 @@ def test_given_a_missing_graph_when_decoded_then_the_field_is_named() -> None:
         decode_workflow_version({"id": "wfv"})
 
     assert info.value.message == "$: object missing required field graph"
+
+
+# --- mapping keys in error paths -------------------------------------------------------------
+
+
+def _two_actions(bad: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "v",
+        "graph": {"steps": []},
+        "actions": {
+            "fine": {"id": "fine", "method": "GET", "endpointTemplate": "/a"},
+            'odd "key"': bad,
+        },
+    }
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_given_a_bad_entry_among_many_when_decoded_then_its_key_is_named(as_text: bool) -> None:
+    version = _two_actions({"id": "b", "method": "FETCH", "endpointTemplate": "/b"})
+    raw = json.dumps(version) if as_text else version
+
+    with pytest.raises(DefinitionError) as caught:
+        decode_workflow_version(raw, "$.workflowVersion")
+
+    assert caught.value.message == (
+        """$.workflowVersion.actions["odd \\"key\\""].method: invalid enum value 'FETCH'"""
+    )
+
+
+def test_given_a_bad_secret_when_decoded_then_its_name_is_given_and_never_its_value() -> None:
+    creds = {"connections": {"ok": {"id": "ok", "type": "NONE"}}, "secrets": {"a": "x", "b": 5}}
+
+    with pytest.raises(CredentialsError) as caught:
+        decode_credentials(json.dumps(creds))
+
+    assert (
+        caught.value.message == 'credentials do not decode: $.secrets["b"]: expected str, got int'
+    )
+
+
+class _Inner(msgspec.Struct):
+    headers: dict[str, str]
+
+
+class _Outer(msgspec.Struct):
+    actions: dict[str, _Inner]
+
+
+def test_given_bad_keys_at_two_levels_when_located_then_both_keys_are_named() -> None:
+    nested = {"actions": {"a": {"headers": {"h1": "v"}}, "b": {"headers": {"h1": "v", "h2": [1]}}}}
+
+    with pytest.raises(msgspec.ValidationError) as invalid:
+        msgspec.convert(nested, _Outer)
+
+    assert path_of(invalid.value) == "$.actions[...].headers[...]: expected str, got array"
+    assert _located(path_of(invalid.value), nested, _Outer) == (
+        '$.actions["b"].headers["h2"]: expected str, got array'
+    )
+
+
+def test_given_a_path_without_a_mapping_key_then_it_is_left_as_it_is() -> None:
+    assert _located("$.input: expected object, got int", {"input": 1}, dict) == (
+        "$.input: expected object, got int"
+    )
