@@ -102,6 +102,10 @@ class RedisStatusSink:
     async def _drain(self) -> None:
         # One batch in flight at a time: what arrives meanwhile rides the next one.
         while self._pending:
+            # One turn of the event loop first: callbacks already due (responses that came in,
+            # runs that just finished a step) add their transitions to this batch rather than
+            # to the next round trip.
+            await asyncio.sleep(0)
             batch, self._pending = self._pending, []
             try:
                 results = await self._send([item for item, _ in batch])
