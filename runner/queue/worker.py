@@ -30,7 +30,7 @@ import msgpack  # type: ignore[import-untyped]
 from bullmq import Worker
 from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
 from bullmq.timer import Timer
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from runner.log import log
 from runner.settings import Settings
@@ -39,9 +39,16 @@ Handler = Callable[[Any, str], Awaitable[Any]]
 
 
 def redis_options(url: str, socket_timeout_s: float) -> dict[str, Any]:
-    """Connection options for BullMQ's clients from a ``redis://`` URL."""
+    """Connection options for BullMQ's clients (``redis.asyncio.Redis`` keywords) from a
+    ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL. Query parameters pass through:
+    ``rediss://host:6380/0?ssl_ca_certs=/etc/redis/ca.pem``."""
     opts: dict[str, Any] = dict(parse_url(url))
-    opts.pop("connection_class", None)
+    # parse_url names a connection class, which Redis() does not take: say it its own way.
+    kind = opts.pop("connection_class", None)
+    if kind is not None and issubclass(kind, UnixDomainSocketConnection):
+        opts["unix_socket_path"] = opts.pop("path")
+    elif kind is not None and issubclass(kind, SSLConnection):
+        opts["ssl"] = True
     opts["socket_timeout"] = socket_timeout_s
     opts["socket_connect_timeout"] = min(socket_timeout_s, 10.0)
     opts["socket_keepalive"] = True

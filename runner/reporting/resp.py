@@ -35,6 +35,20 @@ def pack(commands: list[Command]) -> bytes:
     return b"".join([pack_command(command) for command in commands])  # type: ignore[arg-type]
 
 
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """As redis-py builds it from the URL's ``ssl_*`` parameters: verified against the system
+    store or ``ssl_ca_certs``, host name checked, unless ``ssl_cert_reqs=none``."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "0"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif options.get("ssl_check_hostname") is False:
+        context.check_hostname = False
+    return context
+
+
 class RespConnection:
     def __init__(self, url: str, *, timeout_s: float) -> None:
         self.options: dict[str, Any] = dict(parse_url(url))
@@ -89,14 +103,13 @@ class RespConnection:
         if "path" in o:
             self._reader, self._writer = await asyncio.open_unix_connection(o["path"])
         else:
-            context = None
-            if self.tls:
-                context = ssl.create_default_context(cafile=o.get("ssl_ca_certs"))
-                if o.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
+            context = _tls_context(o) if self.tls else None
+            host = o.get("host", "127.0.0.1")
             self._reader, self._writer = await asyncio.open_connection(
-                o.get("host", "127.0.0.1"), int(o.get("port", 6379)), ssl=context
+                host,
+                int(o.get("port", 6379)),
+                ssl=context,
+                server_hostname=host if context else None,
             )
         self._parser = hiredis.Reader()
         setup: list[Command] = []
