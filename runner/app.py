@@ -28,6 +28,7 @@ from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
 from runner.log import log
+from runner.queue import packing
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
 from runner.queue.worker import QueueWorker, redis_options
@@ -81,6 +82,7 @@ async def build(settings: Settings) -> Runtime:
         scrub=lambda line: SECRETS.redactor().text(line),
         worker=settings.name,
     )
+    packing.install()
     clock = SystemClock()
     keys = Keys(settings.queue_prefix, settings.queue)
     opts = redis_options(settings.redis_url, settings.redis_socket_timeout_s)
