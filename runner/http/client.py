@@ -193,6 +193,10 @@ class HttpTransport:
                 f"response from {host} declares {resp.content_length} bytes, over the {limit}-byte limit",
                 code=ErrorCode.RESPONSE_TOO_LARGE,
             )
+        if resp.content_length is not None and "Content-Encoding" not in resp.headers:
+            # Declared and within the cap, and not inflated on the way: aiohttp's parser reads
+            # exactly that many bytes, so one read is bounded.
+            return await resp.content.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(64 * 1024):
