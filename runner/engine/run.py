@@ -2,6 +2,8 @@
 
 A step starts once every step it depends on has finished (SUCCESS, FAILED with ``CONTINUE``,
 or SKIPPED), up to ``step_parallelism`` steps at a time; a plain list is therefore linear.
+Steps that run beside others get a task each; a step that is the only one to run (every step
+of a linear run) runs in the walk's own task.
 
 Endings:
 - a step fails with ``FAIL_RUN``: running siblings are cancelled (CANCELED), steps not started
@@ -157,29 +159,33 @@ class Engine:
         running: dict[asyncio.Task[StepResult], StepPlan] = {}
         try:
             while pending or running:
+                ready: list[StepPlan] = []
                 if state.failure is None and not state.deferred:
-                    for sp in list(pending):
-                        if len(running) >= self.step_parallelism:
-                            break
-                        if all(dep in state.results for dep in sp.depends_on):
-                            pending.remove(sp)
-                            running[asyncio.ensure_future(self._step(state, sp))] = sp
+                    ready = [
+                        sp for sp in pending if all(dep in state.results for dep in sp.depends_on)
+                    ]
+                if len(ready) == 1 and not running:
+                    # One step and nothing beside it, as every step of a linear run: it runs
+                    # in this task, without a task of its own to start and wait for.
+                    sp = ready[0]
+                    pending.remove(sp)
+                    self._settle(state, sp, await self._step(state, sp))
+                    walk = asyncio.current_task()
+                    if state.stop is not None or (walk is not None and walk.cancelling()):
+                        # The walk was cancelled while the step ran; the step ended on it.
+                        raise asyncio.CancelledError
+                    continue
+                for sp in ready:
+                    if len(running) >= self.step_parallelism:
+                        break
+                    pending.remove(sp)
+                    running[asyncio.ensure_future(self._step(state, sp))] = sp
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when="FIRST_COMPLETED")
                 for task in done:
                     sp = running.pop(task)
-                    res = task.result()
-                    if res.status == "DEFERRED":
-                        state.deferred[sp.key] = res
-                        continue
-                    self._finish(state, sp, res)
-                    if (
-                        res.status == "FAILED"
-                        and sp.step.on_failure == "FAIL_RUN"
-                        and state.failure is None
-                    ):
-                        state.failure = res.error
+                    if self._settle(state, sp, task.result()):
                         await self._cancel_running(state, running)
         finally:
             # Reached on success, on a FAIL_RUN failure, and when the run is cancelled or
@@ -205,6 +211,17 @@ class Engine:
                 else:
                     self._finish(state, sp, res)
         running.clear()
+
+    def _settle(self, state: _State, sp: StepPlan, res: StepResult) -> bool:
+        """Record a step's result; True when it fails the run (``FAIL_RUN``)."""
+        if res.status == "DEFERRED":
+            state.deferred[sp.key] = res
+            return False
+        self._finish(state, sp, res)
+        if res.status == "FAILED" and sp.step.on_failure == "FAIL_RUN" and state.failure is None:
+            state.failure = res.error
+            return True
+        return False
 
     def _finish(self, state: _State, sp: StepPlan, res: StepResult) -> None:
         state.results[sp.key] = res

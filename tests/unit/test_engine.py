@@ -661,6 +661,53 @@ async def test_given_a_cancel_while_a_step_is_in_flight_when_run_then_all_is_can
     assert (last["kind"], last["status"], last["errorCode"]) == ("run", "CANCELED", "CANCELED")
 
 
+async def test_given_the_run_itself_is_cancelled_while_a_step_is_in_flight_then_no_step_follows() -> (
+    None
+):
+    # Given a linear run whose second step hangs (each step runs in the walk's own task)
+    plan = plan_of([{"key": "a"}, {"key": "b"}, {"key": "c"}])
+    transport = FakeTransport().route(f"{API}/a", json_reply()).route(f"{API}/b", Hang())
+    sink = MemoryStatusSink()
+    clock = FakeClock()
+    reporter = RunReporter(
+        run_id=RUN,
+        tenant_id="ten_1",
+        version_id="wfv_1",
+        job_id=RUN,
+        worker_id="w1",
+        total_steps=3,
+        sink=sink,
+        execlog=MemoryExecutionLog(),
+        redact=Redactor(),
+        now_ms=clock.now_ms,
+    )
+    ctx = RunContext(
+        job_id=RUN,
+        run_id=RUN,
+        tenant_id="ten_1",
+        version_id="wfv_1",
+        input={},
+        started_ms=clock.now_ms(),
+        deadline_ms=clock.now_ms() + 300_000,
+    )
+    running = asyncio.create_task(Engine(transport, clock).run(plan, ctx, reporter))
+    await asyncio.wait_for(transport.was_sent(f"{API}/b").wait(), RUN_LIMIT_S)
+
+    # When the task running it is cancelled (a forced shutdown), not the run by a cancel request
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+    # Then the request in flight is abandoned, c is never sent, and both end CANCELED
+    assert transport.cancelled == [f"{API}/b"]
+    assert [r.url for r in transport.sent] == [f"{API}/a", f"{API}/b"]
+    steps = [msgspec.json.decode(e) for e in sink.events]
+    assert [(e.get("stepKey"), e["status"]) for e in steps if e["kind"] == "step"][-2:] == [
+        ("b", "CANCELED"),
+        ("c", "CANCELED"),
+    ]
+
+
 # --- resume -------------------------------------------------------------------------------
 
 
