@@ -77,9 +77,9 @@ class RedisStatusSink:
         self._log_sha = ""
         self.batches = 0
 
-    async def write(self, *transitions: Transition) -> None:
-        """Write the transitions, in order, in one transaction."""
-        await self._enqueue(*transitions)
+    def write(self, *transitions: Transition) -> asyncio.Future[None]:
+        """Write the transitions, in order, in one transaction: await the returned future."""
+        return self._enqueue(*transitions)
 
     async def run_state(self, run_id: str) -> RunState:
         """What a run needs before it starts: its checkpoint hash and the reason of a cancel
@@ -255,9 +255,12 @@ class MemoryStatusSink:
         reason = self.cancels.get(run_id)
         return checkpoint, (reason or "canceled") if reason is not None else None
 
-    async def write(self, *transitions: Transition) -> None:
+    def write(self, *transitions: Transition) -> asyncio.Future[None]:
         for t in transitions:
             self._write(t)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     def _write(self, t: Transition) -> None:
         if t.event is not None:
