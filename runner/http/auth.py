@@ -50,14 +50,31 @@ AuthFlow = Generator[HttpRequest | TokenNeeded, HttpResponse | str, None]
 class Auth:
     """Base adapter: sends the request unchanged."""
 
+    # A static adapter's flow yields one request and ignores its response: ``prepare`` gives
+    # that request without a driver around the send.
+    static = False
+
     def auth_flow(self, request: HttpRequest) -> AuthFlow:
         yield request
+
+    def prepare(self, request: HttpRequest) -> HttpRequest:
+        """The one request a static adapter's flow sends."""
+        flow = self.auth_flow(request)
+        try:
+            step = next(flow)
+        finally:
+            flow.close()
+        if not isinstance(step, HttpRequest):
+            raise TypeError(f"{type(self).__name__} is not static: it needs a token")
+        return step
 
     async def obtain_token(self, need: TokenNeeded) -> str:
         raise AuthError(f"{type(self).__name__} does not use tokens", code=ErrorCode.INTERNAL)
 
 
 class ApiKeyAuth(Auth):
+    static = True
+
     def __init__(self, name: str, value: str, location: Literal["header", "query"]) -> None:
         self.name = name
         self._value = value
@@ -74,6 +91,8 @@ class ApiKeyAuth(Auth):
 
 
 class BasicAuth(Auth):
+    static = True
+
     def __init__(self, username: str, password: str) -> None:
         self._header = basic_auth_header(username, password)
 
@@ -82,6 +101,8 @@ class BasicAuth(Auth):
 
 
 class CustomHeaderAuth(Auth):
+    static = True
+
     def __init__(self, headers: Mapping[str, str]) -> None:
         self._headers = dict(headers)
 

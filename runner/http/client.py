@@ -91,8 +91,13 @@ class HttpTransport:
                 connection, tokens=self.tokens, tenant_id=tenant_id, now_ms=self.now_ms
             )
         ssl_context = self._ssl_for(connection)
+        if auth is not None and auth.static:
+            request, auth = auth.prepare(request), None
         try:
             async with asyncio.timeout(timeout_s):
+                if auth is None and not self.follow_redirects:
+                    # The common case, sent straight: no flow to drive, no redirect to follow.
+                    return await self._send_once(request, ssl_context)
                 return await send_with_auth(
                     auth, request, lambda r: self._send_following(r, ssl_context)
                 )

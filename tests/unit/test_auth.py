@@ -154,10 +154,12 @@ class FakeApi:
     def __init__(self, accepted: set[str]) -> None:
         self.accepted = accepted
         self.seen: list[str] = []
+        self.requests: list[HttpRequest] = []
 
     async def send(self, request: HttpRequest) -> HttpResponse:
         auth = request.headers.get("Authorization", "")
         self.seen.append(auth)
+        self.requests.append(request)
         token = auth.removeprefix("Bearer ")
         return OK if token in self.accepted else UNAUTHORIZED
 
@@ -199,6 +201,32 @@ async def test_driver_sends_static_auth_once_even_on_401() -> None:
 
     assert response.status == 401
     assert len(api.seen) == 1
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        ApiKeyAuth("X-Api-Key", "k1", "header"),
+        ApiKeyAuth("key", "k1", "query"),
+        BasicAuth("u", "p"),
+        CustomHeaderAuth({"X-One": "1", "X-Two": "2"}),
+        Auth(),
+    ],
+    ids=["api-key-header", "api-key-query", "basic", "custom-header", "none"],
+)
+async def test_a_static_adapter_prepares_the_request_its_flow_would_send(adapter: Auth) -> None:
+    api = FakeApi(set())
+    await send_with_auth(adapter, REQUEST, api.send)
+
+    assert adapter.static or type(adapter) is Auth
+    assert [adapter.prepare(REQUEST)] == api.requests
+
+
+def test_a_token_adapter_is_not_static_and_cannot_be_prepared() -> None:
+    adapter = OAuth2Auth(NoTokens(), "ten_1", connection("OAUTH2", {"accessToken": "t"}))
+    assert not adapter.static
+    with pytest.raises(TypeError):
+        adapter.prepare(REQUEST)
 
 
 async def test_a_non_token_adapter_cannot_be_asked_for_a_token() -> None:
