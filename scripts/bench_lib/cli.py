@@ -68,6 +68,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
     p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the runner as of git revision REV (contender runner-base, in a worktree "
+        "under .run/bench/), paired round by round with the current one: measures a change",
+    )
+    p.add_argument(
         "--profile",
         choices=("py-spy", "cprofile"),
         help="profile the runner on W3 instead of measuring",
@@ -195,10 +201,14 @@ def main(argv: list[str]) -> int:
         concurrency=args.concurrency,
     )
     try:
+        if args.baseline:
+            ctx.baseline_dir = baseline_worktree(args.baseline, args.json.parent / "baseline")
         if args.profile:
             return run_profile(ctx, args)
         return run_bench(ctx, args, redis_url, private is not None)
     finally:
+        if ctx.baseline_dir is not None:
+            _git("worktree", "remove", "--force", str(ctx.baseline_dir))
         server.terminate()
         server.wait(10)
         client.close()
@@ -206,8 +216,25 @@ def main(argv: list[str]) -> int:
             private.stop()
 
 
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def baseline_worktree(rev: str, path: Path) -> Path:
+    """A checkout of ``rev`` beside the repository (detached, removed after the bench)."""
+    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    if path.exists():
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO)
+    _git("worktree", "add", "--detach", "--force", str(path), commit)
+    say(f"bench: runner-base is {rev} ({commit[:10]}) in {path}")
+    return path
+
+
 def _selected(args: argparse.Namespace) -> list[Contender]:
-    contenders = all_contenders(args.processes)
+    contenders = all_contenders(args.processes, baseline=args.baseline)
     if args.only:
         unknown = set(args.only) - {c.name for c in contenders}
         if unknown:
@@ -215,7 +242,8 @@ def _selected(args: argparse.Namespace) -> list[Contender]:
                 f"bench: unknown contenders {sorted(unknown)}; "
                 f"known: {[c.name for c in contenders]}"
             )
-        contenders = [c for c in contenders if c.name in args.only]
+        wanted = {*args.only, "runner-base"} if args.baseline else set(args.only)
+        contenders = [c for c in contenders if c.name in wanted]
     return contenders
 
 

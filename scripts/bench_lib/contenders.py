@@ -47,13 +47,15 @@ class Ctx:
     key_b64: str = ""
     concurrency: int = 50
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The checkout the runner-base contender runs from (--baseline).
+    baseline_dir: Path | None = None
 
     @property
     def node_dir(self) -> Path:
         return self.repo / "scripts" / "bench_node"
 
 
-def all_contenders(runner_processes: list[int]) -> list[Contender]:
+def all_contenders(runner_processes: list[int], baseline: str | None = None) -> list[Contender]:
     out = [
         Contender(
             "runner" if n == 1 else f"runner-x{n}",
@@ -64,6 +66,8 @@ def all_contenders(runner_processes: list[int]) -> list[Contender]:
         )
         for n in runner_processes
     ]
+    if baseline:
+        out.append(Contender("runner-base", f"runner at `{baseline}`", "queue", ("w3", "w1")))
     out += [
         Contender("node-fetch", "Node BullMQ worker, `fetch`", "queue", ("w3", "w1")),
         Contender("node-http", "Node BullMQ worker, `node:http`", "queue", ("w3", "w1")),
@@ -99,6 +103,9 @@ def launch(
     for i in range(contender.processes):
         env = _base_env()
         cwd = ctx.repo
+        if contender.name == "runner-base":
+            assert ctx.baseline_dir is not None
+            cwd = ctx.baseline_dir  # python -m runner imports the package from its cwd
         if contender.name.startswith("runner"):
             env.update(
                 RUNNER_REDIS_URL=ctx.redis_url,

@@ -102,7 +102,9 @@ def ratios_table(results: list[dict[str, Any]], contenders: list[Contender]) -> 
     ]
     for workload in ("w3", "w1"):
         for runner in runners:
-            others = baselines + ([r for r in runners if r != runner and runner != "runner"])
+            others = baselines + [r for r in runners if r != runner and runner != "runner"]
+            if runner == "runner" and "runner-base" in names:
+                others.append("runner-base")
             for base in others:
                 rps = _paired(results, workload, runner, base, "runs_per_s")
                 cpu = _paired(results, workload, runner, base, "cpu_ms_per_run")
