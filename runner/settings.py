@@ -26,7 +26,11 @@ def _default_worker_name() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    redis_url: str = _setting("RUNNER_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis of the queue")
+    redis_url: str = _setting(
+        "RUNNER_REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        "Redis of the queue: redis://, rediss:// (TLS) or unix://",
+    )
     queue_prefix: str = _setting("RUNNER_QUEUE_PREFIX", "bull", "BullMQ key prefix")
     queue: str = _setting("RUNNER_QUEUE", "workflow-runs", "BullMQ queue name")
     concurrency: int = _setting("RUNNER_CONCURRENCY", 50, "runs in flight per process")
