@@ -34,9 +34,9 @@ from runner.queue.keys import Keys
 from runner.queue.worker import QueueWorker, redis_options
 from runner.redact import SECRETS
 from runner.reporting.execlog import ExecutionLog, MongoExecutionLog
-from runner.reporting.resp import RespConnection
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
+from runner.resp import RespConnection
 from runner.runs import RunService
 from runner.settings import Settings
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 from runner.log import log
 from runner.queue.keys import Keys
-from runner.reporting.resp import ReplyError, RespConnection
+from runner.resp import ReplyError, RespConnection
 
 CancelFuture = Callable[[], "asyncio.Future[str]"]
 

@@ -33,6 +33,8 @@ from bullmq.timer import Timer
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from runner.log import log
+from runner.queue.finish import FinishBatches, finish_in_batches
+from runner.resp import RespConnection
 from runner.settings import Settings
 
 Handler = Callable[[Any, str], Awaitable[Any]]
@@ -291,6 +293,11 @@ class QueueWorker:
         self.loop_died = asyncio.Event()
         self._run_task: asyncio.Task[Any] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # Completions go out in batches on a connection of their own (runner.queue.finish),
+        # decoded as bullmq's client decodes.
+        self._finish_connection = RespConnection(
+            settings.redis_url, timeout_s=settings.redis_socket_timeout_s, decode=True
+        )
 
     def build(self) -> Worker:
         s = self.settings
@@ -312,6 +319,10 @@ class QueueWorker:
         worker.clientName = node_client_name(s.queue_prefix, s.queue, self.name)
         _with_processed_by(worker, self.name)
         _name_in_finished_opts(worker, self.name)
+        self.finishes = FinishBatches(
+            self._finish_connection, worker.scripts.commands["moveToFinished"].script
+        )
+        finish_in_batches(worker, self.finishes)
         _name_only_the_blocking_connection(worker, queue_client_name(s.queue_prefix, s.queue))
         worker.on("error", self._on_error)
         self.worker = worker
@@ -386,3 +397,4 @@ class QueueWorker:
             closing.cancel()
         if self._run_task is not None:
             await asyncio.wait({self._run_task}, timeout=5)
+        self._finish_connection.close()

@@ -3,7 +3,7 @@
 A run reports each transition as one ``Transition``: its status event with the checkpoint
 fields that go with it, the BullMQ job progress, and ``job.log`` lines. ``RedisStatusSink``
 writes the transitions of all concurrent runs that arrive while the previous batch is in
-flight in one ``MULTI``/``EXEC`` on its own connection (``runner.reporting.resp``), together
+flight in one ``MULTI``/``EXEC`` on its own connection (``runner.resp``), together
 with the reads of runs about to start (their checkpoint and cancel key):
 
 - ``XADD`` the event to the status stream (``MAXLEN ~``);
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ from bullmq.redis_connection import loadScript
 
 from runner.log import log
 from runner.queue.keys import Keys
-from runner.reporting.resp import Arg, Command, ReplyError, RespConnection
+from runner.resp import Arg, Batches, Command, ReplyError, RespConnection
 
 _UPDATE_PROGRESS = loadScript("updateProgress-3.lua")
 _ADD_LOG = loadScript("addLog-2.lua")
@@ -70,75 +69,25 @@ class RedisStatusSink:
         self.keys = keys
         self.maxlen = maxlen
         self.retention_s = retention_s
-        self.outage_s = outage_s
-        self._pending: list[tuple[Transition | _StateRead, asyncio.Future[Any] | None]] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._batches: Batches[Transition | _StateRead] = Batches(
+            self._execute, name="status", outage_s=outage_s
+        )
         self._progress_sha = ""
         self._log_sha = ""
-        self.batches = 0
+
+    @property
+    def batches(self) -> int:
+        return self._batches.sent
 
     def write(self, *transitions: Transition) -> asyncio.Future[None]:
         """Write the transitions, in order, in one transaction: await the returned future."""
-        return self._enqueue(*transitions)
+        return self._batches.submit(*transitions)
 
     async def run_state(self, run_id: str) -> RunState:
         """What a run needs before it starts: its checkpoint hash and the reason of a cancel
         requested before it started (CONTRACT §8), if any; read in the next batch."""
-        state: RunState = await self._enqueue(_StateRead(run_id))
+        state: RunState = await self._batches.submit(_StateRead(run_id))
         return state
-
-    def _enqueue(self, *items: Transition | _StateRead) -> asyncio.Future[Any]:
-        """Queue the items for the next batch (all of them in the same one); the future
-        resolves with the last item's result when that batch is written."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        pending = self._pending
-        for item in items[:-1]:
-            pending.append((item, None))
-        pending.append((items[-1], future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.ensure_future(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        # One batch in flight at a time: what arrives meanwhile rides the next one.
-        while self._pending:
-            # One turn of the event loop first: callbacks already due (responses that came in,
-            # runs that just finished a step) add their transitions to this batch rather than
-            # to the next round trip.
-            await asyncio.sleep(0)
-            batch, self._pending = self._pending, []
-            try:
-                results = await self._send([item for item, _ in batch])
-            except BaseException as err:
-                for _, future in batch:
-                    if future is not None and not future.done():
-                        failure = err if isinstance(err, Exception) else RuntimeError("cancelled")
-                        future.set_exception(failure)
-                if not isinstance(err, Exception):
-                    raise
-            else:
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future is None or future.done():
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-
-    async def _send(self, batch: list[Transition | _StateRead]) -> list[Any]:
-        deadline = time.monotonic() + self.outage_s
-        delay_s = 0.05
-        while True:
-            try:
-                results = await self._execute(batch)
-                self.batches += 1
-                return results
-            except OSError as err:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("status.retry", transitions=len(batch), error=type(err).__name__)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
 
     async def _ensure_scripts(self) -> None:
         if not self._progress_sha:

@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from runner.reporting.resp import RespConnection, pack
+from runner.resp import RespConnection, pack
 from tests.conftest import REDIS_URL
 
 

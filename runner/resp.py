@@ -1,25 +1,30 @@
-"""The status writer's own Redis connection: commands packed and replies parsed by hiredis,
-one deadline per batch.
+"""Redis over raw RESP, for the runner's own hot paths: a connection whose commands are packed
+and replies parsed by hiredis with one deadline per round trip, and ``Batches``, which sends
+what many runs ask for meanwhile in one round trip.
 
-The status writer sends one ``MULTI``/``EXEC`` of some hundred commands per round trip. Through
-redis-py's pipeline each command went through its encoder and packer, and each of the
-``QUEUED`` replies was read under its own timeout: a quarter of the runner's CPU on a three-step
-workflow (``docs/performance.md``). This connection does only what the batches need: write one
-buffer, read as many replies, all within one timeout. After any failure it closes; the next
-batch connects again (the writer's retry loop decides when).
+The status writer sends one ``MULTI``/``EXEC`` of some hundred commands per round trip, and
+completions of many jobs go out together. Through redis-py's pipeline each command went through
+its encoder and packer, and each reply was read under its own timeout: a quarter of the
+runner's CPU on a three-step workflow (``docs/performance.md``). ``RespConnection`` does only
+what batches need: write one buffer, read as many replies, all within one timeout. After any
+failure it closes; the next call connects again.
 
 Connection options come from the same ``redis://``, ``rediss://`` or ``unix://`` URL as the
-rest of the runner: host, port, database, username, password, TLS.
+rest of the runner: host, port, database, username, password, TLS (``ssl_*`` parameters).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import hiredis
 from redis.asyncio.connection import parse_url
+
+from runner.log import log
 
 Arg = bytes | str | int
 Command = tuple[Arg, ...]
@@ -50,13 +55,19 @@ def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
 
 
 class RespConnection:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    def __init__(self, url: str, *, timeout_s: float, decode: bool = False) -> None:
+        """``decode``: bulk strings come back as ``str`` (UTF-8), as from a redis-py client
+        with ``decode_responses``; else as ``bytes``."""
         self.options: dict[str, Any] = dict(parse_url(url))
         self.tls = url.startswith("rediss://")
         self.timeout_s = timeout_s
+        self.decode = decode
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._parser = hiredis.Reader()
+        self._parser = self._new_parser()
+
+    def _new_parser(self) -> hiredis.Reader:
+        return hiredis.Reader(encoding="utf-8") if self.decode else hiredis.Reader()
 
     async def execute(self, commands: list[Command], *, transaction: bool = False) -> list[Any]:
         """Send the commands in one write and return their replies, in order. A command's
@@ -111,7 +122,7 @@ class RespConnection:
                 ssl=context,
                 server_hostname=host if context else None,
             )
-        self._parser = hiredis.Reader()
+        self._parser = self._new_parser()
         setup: list[Command] = []
         if o.get("password") is not None:
             user = o.get("username")
@@ -132,3 +143,82 @@ class RespConnection:
     @property
     def connected(self) -> bool:
         return self._writer is not None
+
+
+Item = TypeVar("Item")
+
+
+class Batches(Generic[Item]):
+    """Items submitted while a batch is in flight go out together in the next one, one batch in
+    flight at a time, so the order of submission is the order of execution.
+
+    ``execute`` turns a batch into one result per item (an ``Exception`` result fails only its
+    item). Through a connection failure the batch is sent again until it succeeds or the outage
+    outlasts ``outage_s``: callers must make a repeat harmless.
+    """
+
+    def __init__(
+        self,
+        execute: Callable[[list[Item]], Awaitable[list[Any]]],
+        *,
+        name: str,
+        outage_s: float = 120.0,
+    ) -> None:
+        self.execute = execute
+        self.name = name
+        self.outage_s = outage_s
+        self.sent = 0
+        self._pending: list[tuple[Item, asyncio.Future[Any] | None]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    def submit(self, *items: Item) -> asyncio.Future[Any]:
+        """Queue the items for the next batch (all of them in the same one); the future
+        resolves with the last item's result when that batch is done."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pending = self._pending
+        for item in items[:-1]:
+            pending.append((item, None))
+        pending.append((items[-1], future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            # One turn of the event loop first: callbacks already due (responses that came in,
+            # runs that just finished a step) add their items to this batch rather than to the
+            # next round trip.
+            await asyncio.sleep(0)
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._send([item for item, _ in batch])
+            except BaseException as err:
+                for _, future in batch:
+                    if future is not None and not future.done():
+                        failure = err if isinstance(err, Exception) else RuntimeError("cancelled")
+                        future.set_exception(failure)
+                if not isinstance(err, Exception):
+                    raise
+            else:
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future is None or future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+
+    async def _send(self, batch: list[Item]) -> list[Any]:
+        deadline = time.monotonic() + self.outage_s
+        delay_s = 0.05
+        while True:
+            try:
+                results = await self.execute(batch)
+                self.sent += 1
+                return results
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning(f"{self.name}.retry", items=len(batch), error=type(err).__name__)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)

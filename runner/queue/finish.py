@@ -1,0 +1,77 @@
+"""Jobs completed in batches: BullMQ's own ``moveToFinished`` script, by SHA, on the runner's
+raw connection, the completions of concurrent runs in one round trip.
+
+Through bullmq's client each completion was a round trip of its own through redis-py (its
+connection lock, a timeout per read, response callbacks). Here the keys and arguments are still
+built by bullmq (``moveToFinishedArgs``), the script is still BullMQ's, and its reply (the next
+job, when it hands one over) reaches bullmq decoded as its own client would give it. Only the
+way there changes: pipelined with the other completions that are ready at the same moment.
+
+Through a connection failure a batch is sent again for up to ``outage_s``, as bullmq's own
+client retries its commands. A completion that had already run the first time then finds the
+job no longer active and fails with bullmq's "Missing lock" error, which the worker logs; the
+job stays completed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from bullmq.scripts import raw2NextJobData
+
+from runner.resp import Batches, Command, ReplyError, RespConnection
+
+
+class ScriptError(Exception):
+    """Redis refused the script call (the reply's text)."""
+
+
+class FinishBatches:
+    def __init__(self, connection: RespConnection, script: str, *, outage_s: float = 30.0) -> None:
+        self.connection = connection
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self._batches: Batches[Command] = Batches(self._execute, name="finish", outage_s=outage_s)
+
+    @property
+    def sent(self) -> int:
+        """Round trips made so far."""
+        return self._batches.sent
+
+    async def call(self, keys: list[str], args: list[Any]) -> Any:
+        """The script's reply for these keys and arguments."""
+        return await self._batches.submit((b"EVALSHA", self.sha, len(keys), *keys, *args))
+
+    async def _execute(self, commands: list[Command]) -> list[Any]:
+        replies = await self.connection.execute(commands)
+        missed = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+        if missed:
+            # Redis lost its script cache (a restart): nothing of these calls ran.
+            await self.connection.execute([(b"SCRIPT", b"LOAD", self.script)])
+            again = await self.connection.execute([commands[i] for i in missed])
+            for i, reply in zip(missed, again, strict=True):
+                replies[i] = reply
+        return [ScriptError(str(r)) if isinstance(r, ReplyError) else r for r in replies]
+
+
+def _is_noscript(reply: Any) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+
+
+def finish_in_batches(worker: Any, batches: FinishBatches) -> None:
+    """Send ``worker``'s completions (and failures) through ``batches``, with the same result
+    handling as bullmq's own ``Scripts.moveToFinished``."""
+    scripts = worker.scripts
+
+    async def move_to_finished(job_id: str, keys: list[str], args: list[Any]) -> Any:
+        result = await batches.call(keys, args)
+        if result is None:
+            return None
+        if isinstance(result, int) and result < 0:
+            raise scripts.finishedErrors(
+                {"code": result, "jobId": job_id, "command": "moveToFinished", "state": "active"}
+            )
+        return raw2NextJobData(result)
+
+    scripts.moveToFinished = move_to_finished
