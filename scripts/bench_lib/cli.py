@@ -74,6 +74,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "under .run/bench/), paired round by round with the current one: measures a change",
     )
     p.add_argument(
+        "--base-python",
+        metavar="PATH",
+        help="the interpreter runner-base runs on (default: the venv's); with --baseline HEAD it "
+        "compares interpreters",
+    )
+    p.add_argument(
         "--profile",
         choices=("py-spy", "cprofile"),
         help="profile the runner on W3 instead of measuring",
@@ -203,6 +209,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.baseline:
             ctx.baseline_dir = baseline_worktree(args.baseline, args.json.parent / "baseline")
+            ctx.baseline_python = args.base_python or python
         if args.profile:
             return run_profile(ctx, args)
         return run_bench(ctx, args, redis_url, private is not None)

@@ -49,6 +49,7 @@ class Ctx:
     extra_env: dict[str, str] = field(default_factory=dict)
     # The checkout the runner-base contender runs from (--baseline).
     baseline_dir: Path | None = None
+    baseline_python: str = ""
 
     @property
     def node_dir(self) -> Path:
@@ -118,7 +119,8 @@ def launch(
             )
             if ctx.key_b64:
                 env["RUNNER_CREDENTIALS_KEY"] = ctx.key_b64
-            argv = [*(profile or [ctx.python]), "-m", "runner"]
+            python = ctx.baseline_python if contender.name == "runner-base" else ctx.python
+            argv = [*(profile or [python]), "-m", "runner"]
         elif contender.name == "py-empty":
             env.update(REDIS_URL=ctx.redis_url, QUEUE=queue, PREFIX=ctx.prefix, CONCURRENCY=conc)
             env["PYTHONPATH"] = str(ctx.repo / "scripts")
