@@ -139,6 +139,7 @@ class RunReporter:
             {"startedAt": str(started_ms).encode()},
             lines=(f"run RUNNING ({self.total_steps} steps)",),
             hold=True,
+            renew=True,
         )
         self._exec("info", "run started", {"totalSteps": self.total_steps})
 
@@ -322,6 +323,7 @@ class RunReporter:
         progress: dict[str, Any] | None = None,
         lines: tuple[str, ...] = (),
         hold: bool = False,
+        renew: bool = False,
     ) -> Awaitable[None]:
         """One transition: the event with its checkpoint fields, progress and log lines.
         ``hold`` keeps it to be written with the next one, in the same transaction.
@@ -337,6 +339,7 @@ class RunReporter:
             progress=_encode(progress) if progress is not None else None,
             log_lines=tuple(self._line(text) for text in lines),
             keep_logs=self.keep_logs,
+            renew=renew,
         )
         if hold:
             self._held = transition

@@ -7,9 +7,9 @@ flight in one ``MULTI``/``EXEC`` on its own connection (``runner.resp``), togeth
 with the reads of runs about to start (their checkpoint and cancel key):
 
 - ``XADD`` the event to the status stream (``MAXLEN ~``);
-- ``HSET`` the event's ``seq`` (and a finished step's result) on the run's checkpoint hash and
-  renew its expiry, in the same transaction as the event, so a resumed run never reuses a
-  ``seq`` and never misses a finished step;
+- ``HSET`` the event's ``seq`` (and a finished step's result) on the run's checkpoint hash
+  (whose expiry starts over with each delivery's first write), in the same transaction as the
+  event, so a resumed run never reuses a ``seq`` and never misses a finished step;
 - BullMQ's own ``updateProgress`` and ``addLog`` Lua scripts (by SHA) for progress and logs, so
   Node's ``QueueEvents`` and Bull Board see exactly what a Node worker would write.
 
@@ -48,6 +48,8 @@ class Transition:
     progress: bytes | None = None  # JSON
     log_lines: tuple[str, ...] = ()
     keep_logs: int = 0
+    # Start the checkpoint's retention over (the run's first write of each delivery).
+    renew: bool = False
 
 
 class RedisStatusSink:
@@ -121,9 +123,8 @@ class RedisStatusSink:
                     for name, value in t.checkpoint.items():
                         hset += (name, value)
                 commands.append(tuple(hset))
-                if t.checkpoint:
-                    # Renewed with each checkpoint write (the run's start, each finished step),
-                    # which is often enough for a retention counted in days.
+                if t.renew:
+                    # Once per delivery: a delivery lasts minutes, the retention days.
                     commands.append((b"EXPIRE", run_key, self.retention_s))
             job_key = self.keys.job(t.job_id)
             if t.progress is not None:

@@ -137,7 +137,11 @@ async def test_sigkill_mid_step_resumes_on_another_runner_without_repeating_fini
     target = Target()
     target.scripts["/two"] = ["hang"]
     base = await serve(target.app())
-    fast_locks = {"RUNNER_LOCK_DURATION_MS": "1500", "RUNNER_STALLED_INTERVAL_MS": "500"}
+    fast_locks = {
+        "RUNNER_LOCK_DURATION_MS": "1500",
+        "RUNNER_STALLED_INTERVAL_MS": "500",
+        "RUNNER_CHECKPOINT_RETENTION_S": "3600",
+    }
     first = await runner_process(**fast_locks)
     run_id = "run_kill"
     data = job_data(run_id, linear_version(base, "wfv_kill"))
@@ -165,6 +169,8 @@ async def test_sigkill_mid_step_resumes_on_another_runner_without_repeating_fini
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
     assert events[-1]["kind"] == "run" and events[-1]["status"] == "SUCCESS"
     assert [e["status"] for e in events if e.get("stepKey") == "one"] == ["RUNNING", "SUCCESS"]
+    # The checkpoint is kept for the retention, counted from the last delivery's start.
+    assert 3500 < await redis.ttl(f"bull:{clean_queue}:run:{run_id}") <= 3600
 
 
 async def test_sigterm_hands_the_run_back_and_another_runner_finishes_it(

@@ -195,6 +195,23 @@ async def test_given_a_run_start_then_its_event_is_written_with_the_first_step_i
     assert [e["kind"] for e in h.events()] == ["run", "step"]
 
 
+async def test_given_a_run_then_only_its_start_renews_the_checkpoint_retention() -> None:
+    h = harness()
+    renewed: list[bool] = []
+    write = h.sink.write
+
+    async def spy(*transitions: Transition) -> None:
+        renewed.extend(t.renew for t in transitions if t.event is not None)
+        await write(*transitions)
+
+    h.sink.write = spy  # type: ignore[method-assign]
+
+    await a_short_run(h)
+
+    assert renewed[0] is True
+    assert not any(renewed[1:])
+
+
 async def test_given_a_held_run_start_when_flushed_then_it_is_written_alone() -> None:
     h = harness()
     await h.reporter.run_started(1000)
