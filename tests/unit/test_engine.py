@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,7 +187,7 @@ class Run:
         return error
 
 
-async def run(
+def start(
     plan: Plan,
     transport: FakeTransport,
     clock: FakeClock | None = None,
@@ -197,11 +197,10 @@ async def run(
     restored: dict[str, StepResult] | None = None,
     cancel: Callable[[], asyncio.Future[str]] | None = None,
     last_seq: int = 0,
-    before: Callable[[], Awaitable[None]] | None = None,
-) -> Run:
+) -> tuple[Coroutine[Any, Any, RunOutcome], MemoryStatusSink]:
+    """The engine's run of ``plan``, not yet awaited, and the sink it reports to."""
     clock = clock or FakeClock()
     sink = MemoryStatusSink()
-    job = sink.job(RUN)
     restored = restored or {}
     reporter = RunReporter(
         run_id=RUN,
@@ -228,9 +227,15 @@ async def run(
         restored=restored,
         cancel=cancel,
     )
-    engine = Engine(transport, clock)
-    outcome = await asyncio.wait_for(engine.run(plan, ctx, reporter), RUN_LIMIT_S)
-    return Run(outcome, sink, job)
+    return Engine(transport, clock).run(plan, ctx, reporter), sink
+
+
+async def run(
+    plan: Plan, transport: FakeTransport, clock: FakeClock | None = None, **kw: Any
+) -> Run:
+    running, sink = start(plan, transport, clock, **kw)
+    outcome = await asyncio.wait_for(running, RUN_LIMIT_S)
+    return Run(outcome, sink, sink.job(RUN))
 
 
 def assert_seq_rises(r: Run, first: int = 1) -> None:
@@ -667,30 +672,8 @@ async def test_given_the_run_itself_is_cancelled_while_a_step_is_in_flight_then_
     # Given a linear run whose second step hangs (each step runs in the walk's own task)
     plan = plan_of([{"key": "a"}, {"key": "b"}, {"key": "c"}])
     transport = FakeTransport().route(f"{API}/a", json_reply()).route(f"{API}/b", Hang())
-    sink = MemoryStatusSink()
-    clock = FakeClock()
-    reporter = RunReporter(
-        run_id=RUN,
-        tenant_id="ten_1",
-        version_id="wfv_1",
-        job_id=RUN,
-        worker_id="w1",
-        total_steps=3,
-        sink=sink,
-        execlog=MemoryExecutionLog(),
-        redact=Redactor(),
-        now_ms=clock.now_ms,
-    )
-    ctx = RunContext(
-        job_id=RUN,
-        run_id=RUN,
-        tenant_id="ten_1",
-        version_id="wfv_1",
-        input={},
-        started_ms=clock.now_ms(),
-        deadline_ms=clock.now_ms() + 300_000,
-    )
-    running = asyncio.create_task(Engine(transport, clock).run(plan, ctx, reporter))
+    engine_run, sink = start(plan, transport)
+    running = asyncio.create_task(engine_run)
     await asyncio.wait_for(transport.was_sent(f"{API}/b").wait(), RUN_LIMIT_S)
 
     # When the task running it is cancelled (a forced shutdown), not the run by a cancel request
