@@ -10,30 +10,33 @@ FIELD-NOTES lists them; each has its answer here:
 - If the loop dies anyway, a watchdog notices ``worker.running`` went false while we were not
   closing, and the process exits non-zero so that its supervisor restarts it.
 - Bull Board lists workers by client name ``{prefix}:{base64(queue)}:w:{name}`` and shows
-  ``processedBy``, which the stock Python worker does not send: both are set as Node does.
-- The stock worker completes a job and then asks for the next in a second round trip; Node's
-  asks BullMQ's ``moveToFinished`` to hand over the next job in the same call. So does this one
-  (``FetchNextWorker``), on the same Lua script.
+  ``processedBy``, which the stock Python worker does not send: both are set as Node does
+  (``runner.queue.naming``).
+- The stock worker completes a job and then asks for the next in a second round trip, and its
+  loop is quadratic in the slots: ``runner.queue.fetch_next`` does as Node does. Completions go
+  out in batches (``runner.queue.finish``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import functools
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 from bullmq import Worker
-from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
-from bullmq.timer import Timer
+from bullmq.custom_errors import DelayedError, UnrecoverableError
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from runner.log import log
+from runner.queue.fetch_next import FetchNextWorker
 from runner.queue.finish import FinishBatches, finish_in_batches
+from runner.queue.naming import (
+    name_in_finished_opts,
+    name_only_the_blocking_connection,
+    node_client_name,
+    queue_client_name,
+    with_processed_by,
+)
 from runner.resp import RespConnection
 from runner.settings import Settings
 
@@ -56,229 +59,6 @@ def redis_options(url: str, socket_timeout_s: float) -> dict[str, Any]:
     opts["socket_keepalive"] = True
     opts["health_check_interval"] = 15
     return opts
-
-
-def queue_client_name(prefix: str, queue: str) -> str:
-    """The client name Node BullMQ gives a queue's connections: the queue name in base64."""
-    return f"{prefix}:{base64.b64encode(queue.encode()).decode()}"
-
-
-def node_client_name(prefix: str, queue: str, worker_name: str) -> str:
-    """The client name Node BullMQ gives a worker, which Bull Board's Workers tab looks for."""
-    return f"{queue_client_name(prefix, queue)}:w:{worker_name}"
-
-
-def _with_processed_by(worker: Worker, name: str) -> None:
-    """Make ``moveToActive`` pass the worker's name, so the job hash gets ``processedBy``.
-
-    The Lua script is BullMQ's own and already sets the field when ``opts.name`` is given;
-    only the Python caller leaves it out.
-    """
-    scripts = worker.scripts
-
-    async def move_to_active(token: str, opts: dict[str, Any]) -> list[Any]:
-        keys = scripts.getKeys(
-            [
-                "wait",
-                "active",
-                "prioritized",
-                "events",
-                "stalled",
-                "limiter",
-                "delayed",
-                "paused",
-                "meta",
-                "pc",
-                "marker",
-            ]
-        )
-        packed = msgpack.packb(
-            {
-                "token": token,
-                "lockDuration": opts.get("lockDuration", 0),
-                "limiter": opts.get("limiter"),
-                "name": name,
-            },
-            use_bin_type=True,
-        )
-        args = [scripts.keys[""], round(time.time() * 1000), packed]
-        result = await scripts.commands["moveToActive"](keys=keys, args=args)
-        from bullmq.scripts import raw2NextJobData
-
-        return raw2NextJobData(result)  # type: ignore[no-any-return]
-
-    scripts.moveToActive = move_to_active
-
-
-class FetchNextWorker(Worker):  # type: ignore[misc]
-    """``Worker`` whose completion fetches the next job in the same ``moveToFinished`` call.
-
-    The slot (a job's task) goes straight on with the job it received, with the same lock
-    token, as Node's worker does; when the queue is empty, closing or paused, the slot ends and
-    the loop's ordinary fetch takes over.
-    """
-
-    running: bool
-
-    async def run(self) -> None:
-        """The stock loop, rewritten for many slots. The stock one starts a fetch for every free
-        slot at once and then waits on all slots with ``asyncio.wait``, which re-registers a
-        callback on every one of them each time any finishes: with 5,000 slots a ramp-up did
-        some 12 million registrations, and an idle worker with 50 slots answered each new job
-        with some 49 empty ``moveToActive`` calls. Here one fetch runs at a time (it waits on
-        the queue's marker when the queue is empty), each job gets a task, and a finished task
-        frees its slot through its done-callback."""
-        if self.running:
-            raise RuntimeError("Worker is already running")
-        await self._ensure_client_names()
-        self.lockManager.start()
-        self.stalledCheckTimer = Timer(
-            self.opts.get("stalledInterval") / 1000, self.runStalledJobsCheck, self.emit
-        )
-        self.running = True
-        concurrency = int(self.opts.get("concurrency") or 1)
-        slot_freed = asyncio.Event()
-
-        def free_slot(task: asyncio.Task[None]) -> None:
-            self.processing.discard(task)
-            slot_freed.set()
-
-        fetch_options = {"delay_in_ms": self.opts.get("runRetryDelay"), "only_emit_error": True}
-        serial = 0
-        try:
-            while not self.closing:
-                if self.paused:
-                    await self.resume_event.wait()
-                    continue
-                if len(self.processing) >= concurrency:
-                    slot_freed.clear()
-                    await slot_freed.wait()
-                    continue
-                serial += 1
-                token = f"{self.id}:{serial}"
-                job = await self.retryIfFailed(
-                    functools.partial(self.getNextJob, token), fetch_options
-                )
-                if job is not None:
-                    task = asyncio.ensure_future(self.processJob(job, job.token))
-                    self.processing.add(task)
-                    task.add_done_callback(free_slot)
-        finally:
-            # As the stock loop: release the lock renewal and the stalled check however the
-            # loop ends; on close, ``close()`` itself waits for the jobs in ``processing``.
-            self.running = False
-            if not self.closing:
-                for task in self.processing:
-                    task.cancel()
-                if self.waiting and not self.waiting.done():
-                    self.waiting.cancel()
-                if self.processing:
-                    await asyncio.gather(*self.processing, return_exceptions=True)
-                self.processing.clear()
-            if self.stalledCheckTimer is not None:
-                with contextlib.suppress(Exception):
-                    self.stalledCheckTimer.stop()
-            await self.lockManager.close()
-
-    async def getNextJob(self, token: str) -> Any:
-        if self.closing or self.paused:
-            return None
-        return await super().getNextJob(token)
-
-    async def processJob(self, job: Any, token: str) -> None:
-        while job is not None:
-            job = await self._process_one(job, token)
-
-    async def _process_one(self, job: Any, token: str) -> Any:
-        """The stock ``processJob`` with ``fetch_next`` on success; returns the next job."""
-        next_job = None
-        try:
-            if "removeOnComplete" not in job.opts and "removeOnComplete" in self.opts:
-                job.opts["removeOnComplete"] = self.opts["removeOnComplete"]
-            if "removeOnFail" not in job.opts and "removeOnFail" in self.opts:
-                job.opts["removeOnFail"] = self.opts["removeOnFail"]
-            self.jobs.add((job, token))
-            self.lockManager.track_job(
-                job.id, token, int(time.time() * 1000), should_create_controller=False
-            )
-            if job.deferredFailure:
-                await job.moveToFailed(UnrecoverableError(job.deferredFailure), token)
-                self.emit("failed", job, UnrecoverableError(job.deferredFailure))
-                return None
-            result = await self.processor(job, token)
-            if not self.forceClosing:
-                fetch = not (self.closing or self.paused)
-                moved = await self.backend.moveToCompleted(
-                    job, result, job.opts.get("removeOnComplete", False), token, fetch_next=fetch
-                )
-                job.returnvalue = result
-                job.attemptsMade = job.attemptsMade + 1
-                raw = moved.get("result") if isinstance(moved, dict) else None
-                if fetch and raw and raw[0]:
-                    # [job data, id, limit until, delay until]; the last two may be absent
-                    # (None) when the script hands a job over.
-                    data, job_id, limit_until, delay_until = raw
-                    next_job = await self.nextJobFromJobData(
-                        data, job_id, limit_until or 0, delay_until or 0, token
-                    )
-            self.emit("completed", job, result)
-        except (DelayedError, WaitingChildrenError):
-            return None
-        except Exception as err:
-            try:
-                if not self.forceClosing:
-                    await job.moveToFailed(err, token)
-                self.emit("failed", job, err)
-            except Exception as inner:
-                self.emit("error", inner, job)
-        finally:
-            self.jobs.discard((job, token))
-            self.lockManager.untrack_job(job.id)
-        if next_job is not None:
-            self.emit("active", next_job, "waiting")
-        return next_job
-
-
-def _name_in_finished_opts(worker: Worker, name: str) -> None:
-    """``moveToFinished`` sets ``processedBy`` on the job it hands over when ``opts.name`` is
-    given; the Python caller leaves it out, so add it to the packed options."""
-    scripts = worker.scripts
-    build_args = scripts.moveToFinishedArgs
-    entry = msgpack.packb("name") + msgpack.packb(name, use_bin_type=True)
-
-    def with_name(*args: Any, **kwargs: Any) -> Any:
-        keys, argv = build_args(*args, **kwargs)
-        argv[7] = _with_map_entry(argv[7], entry)
-        return keys, argv
-
-    scripts.moveToFinishedArgs = with_name
-
-
-def _with_map_entry(packed: bytes, entry: bytes) -> bytes:
-    """A msgpack map with one more key-value pair (``entry``, packed) appended: its header's
-    count goes up by one. Once per job, so done on the bytes rather than by unpacking."""
-    head = packed[0]
-    if 0x80 <= head < 0x8F:  # fixmap of up to 14 entries
-        return bytes((head + 1,)) + packed[1:] + entry
-    if head == 0xDE and packed[1:3] != b"\xff\xff":  # map16
-        count = int.from_bytes(packed[1:3], "big") + 1
-        return b"\xde" + count.to_bytes(2, "big") + packed[3:] + entry
-    unpacked = msgpack.unpackb(packed, raw=False)
-    unpacked.update(msgpack.unpackb(b"\x81" + entry, raw=False))
-    return msgpack.packb(unpacked, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _name_only_the_blocking_connection(worker: Worker, base_name: str) -> None:
-    """One entry per process in Bull Board's worker list, as with Node: the worker's name goes
-    on its blocking connection; the command connection gets the queue's base name."""
-    backend = worker.backend
-
-    async def set_name(name: str) -> None:
-        await backend.connection.set_client_name(base_name)
-        if backend.blocking_connection is not None:
-            await backend.blocking_connection.set_client_name(name)
-
-    backend.setName = set_name
 
 
 class QueueWorker:
@@ -317,13 +97,13 @@ class QueueWorker:
             },
         )
         worker.clientName = node_client_name(s.queue_prefix, s.queue, self.name)
-        _with_processed_by(worker, self.name)
-        _name_in_finished_opts(worker, self.name)
+        with_processed_by(worker, self.name)
+        name_in_finished_opts(worker, self.name)
         self.finishes = FinishBatches(
             self._finish_connection, worker.scripts.commands["moveToFinished"].script
         )
         finish_in_batches(worker, self.finishes)
-        _name_only_the_blocking_connection(worker, queue_client_name(s.queue_prefix, s.queue))
+        name_only_the_blocking_connection(worker, queue_client_name(s.queue_prefix, s.queue))
         worker.on("error", self._on_error)
         self.worker = worker
         return worker

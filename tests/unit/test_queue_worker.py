@@ -10,13 +10,8 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
-from runner.queue.worker import (
-    QueueWorker,
-    _with_map_entry,
-    node_client_name,
-    queue_client_name,
-    redis_options,
-)
+from runner.queue.naming import _with_map_entry, node_client_name, queue_client_name
+from runner.queue.worker import QueueWorker, redis_options
 from runner.settings import Settings
 
 
