@@ -56,8 +56,8 @@ def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
 
 class RespConnection:
     def __init__(self, url: str, *, timeout_s: float, decode: bool = False) -> None:
-        """``decode``: bulk strings come back as ``str`` (UTF-8), as from a redis-py client
-        with ``decode_responses``; else as ``bytes``."""
+        """``decode``: bulk strings come back as ``str`` (UTF-8, invalid bytes replaced), as
+        from a redis-py client with ``decode_responses``; else as ``bytes``."""
         self.options: dict[str, Any] = dict(parse_url(url))
         self.tls = url.startswith("rediss://")
         self.timeout_s = timeout_s
@@ -67,7 +67,11 @@ class RespConnection:
         self._parser = self._new_parser()
 
     def _new_parser(self) -> hiredis.Reader:
-        return hiredis.Reader(encoding="utf-8") if self.decode else hiredis.Reader()
+        # Invalid UTF-8 (a job written by something other than BullMQ) is replaced rather than
+        # raised: raising would fail every reply of the batch and leave the connection unread.
+        if self.decode:
+            return hiredis.Reader(encoding="utf-8", errors="replace")
+        return hiredis.Reader()
 
     async def execute(self, commands: list[Command], *, transaction: bool = False) -> list[Any]:
         """Send the commands in one write and return their replies, in order. A command's

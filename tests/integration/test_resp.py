@@ -190,3 +190,12 @@ async def test_a_server_that_never_answers_times_out_and_closes(unused_tcp_port:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_decoding_connection_replaces_invalid_utf8_instead_of_failing(key: str) -> None:
+    conn = RespConnection(REDIS_URL, timeout_s=5, decode=True)
+    try:
+        replies = await conn.execute([("SET", key, b"ok \xff"), ("GET", key), ("PING",)])
+        assert replies == ["OK", "ok \ufffd", "PONG"]
+    finally:
+        conn.close()
