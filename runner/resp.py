@@ -55,6 +55,9 @@ def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
 
 
 class RespConnection:
+    """One Redis connection for one caller at a time (``Batches`` keeps one batch in flight; the
+    cancel reader is alone on its own): calls that overlapped would interleave replies."""
+
     def __init__(self, url: str, *, timeout_s: float, decode: bool = False) -> None:
         """``decode``: bulk strings come back as ``str`` (UTF-8, invalid bytes replaced), as
         from a redis-py client with ``decode_responses``; else as ``bytes``."""
