@@ -154,6 +154,24 @@ class _Scope:
         self._token = otel.context.attach(otel.trace.set_span_in_context(span))
         return span
 
+    def _end(
+        self, status_attribute: str, status: str, error_code: str | None
+    ) -> dict[str, str] | None:
+        """Record the outcome on the span, once: its status, the error type and, for a failure,
+        the span's error status. Returns the metric attributes, or None if already ended."""
+        span = self._span
+        if span is None or self._ended:
+            return None
+        self._ended = True
+        span.set_attribute(status_attribute, status)
+        metric_attrs = {status_attribute: status}
+        if error_code is not None:
+            span.set_attribute("error.type", str(error_code))
+            metric_attrs["error.type"] = str(error_code)
+        if status == "FAILED":
+            span.set_status(self._otel.error_status(str(error_code or status)))
+        return metric_attrs
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -193,19 +211,11 @@ class _OtelStep(_Scope):
         return _OtelAttempt(self._otel, self._otel.trace.set_span_in_context(span), attrs)
 
     def end(self, status: str, attempts: int, duration_ms: int, error_code: str | None) -> None:
-        span = self._span
-        if span is None or self._ended:
+        metric_attrs = self._end("workflow.step.status", str(status), error_code)
+        if metric_attrs is None:
             return
-        self._ended = True
-        status = str(status)
-        span.set_attribute("workflow.step.status", status)
-        span.set_attribute("workflow.step.attempts", attempts)
-        metric_attrs = {"workflow.step.status": status}
-        if error_code is not None:
-            span.set_attribute("error.type", str(error_code))
-            metric_attrs["error.type"] = str(error_code)
-        if status == "FAILED":
-            span.set_status(self._otel.error_status(str(error_code or status)))
+        assert self._span is not None
+        self._span.set_attribute("workflow.step.attempts", attempts)
         self._otel.step_duration.record(max(duration_ms, 0), metric_attrs)
 
 
@@ -239,16 +249,6 @@ class OtelRun(_Scope):
         return _OtelStep(self._otel, self._otel.trace.set_span_in_context(span), key)
 
     def end(self, status: str, error_code: str | None) -> None:
-        span = self._span
-        if span is None or self._ended:
-            return
-        self._ended = True
-        status = str(status)
-        span.set_attribute("workflow.run.status", status)
-        metric_attrs = {"workflow.run.status": status}
-        if error_code is not None:
-            span.set_attribute("error.type", str(error_code))
-            metric_attrs["error.type"] = str(error_code)
-        if status == "FAILED":
-            span.set_status(self._otel.error_status(str(error_code or status)))
-        self._otel.runs.add(1, metric_attrs)
+        metric_attrs = self._end("workflow.run.status", str(status), error_code)
+        if metric_attrs is not None:
+            self._otel.runs.add(1, metric_attrs)
