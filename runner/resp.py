@@ -16,9 +16,10 @@ rest of the runner: host, port, database, username, password, TLS (``ssl_*`` par
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import hiredis
@@ -38,6 +39,46 @@ def pack(commands: list[Command]) -> bytes:
     pack_command = hiredis.pack_command
     # hiredis's stub types the argument as a one-element tuple; it takes any length.
     return b"".join([pack_command(command) for command in commands])  # type: ignore[arg-type]
+
+
+class Script:
+    """A Lua script called by SHA: the SHA is the script's SHA-1, as Redis computes it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def call(self, keys: Sequence[Arg], args: Sequence[Arg]) -> Command:
+        return (b"EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def is_noscript(reply: Any) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+
+
+async def load_missing_scripts(
+    connection: RespConnection,
+    scripts: Sequence[Script],
+    commands: list[Command],
+    replies: list[Any],
+    *,
+    transaction: bool = False,
+) -> list[Any]:
+    """Where a call's reply is NOSCRIPT (Redis lost its script cache, after a restart: nothing
+    of that call ran), load the scripts and send those calls again; the replies with the
+    second answers in their places."""
+    missed = [i for i, reply in enumerate(replies) if is_noscript(reply)]
+    if not missed:
+        return replies
+    loaded = await connection.execute([(b"SCRIPT", b"LOAD", s.text) for s in scripts])
+    for reply in loaded:
+        if isinstance(reply, ReplyError):
+            raise ConnectionError(f"Redis refused a script: {reply}")
+    again = await connection.execute([commands[i] for i in missed], transaction=transaction)
+    replies = list(replies)
+    for i, reply in zip(missed, again, strict=True):
+        replies[i] = reply
+    return replies
 
 
 def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:

@@ -15,12 +15,11 @@ job stays completed.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from bullmq.scripts import raw2NextJobData
 
-from runner.resp import Batches, Command, ReplyError, RespConnection
+from runner.resp import Batches, Command, ReplyError, RespConnection, Script, load_missing_scripts
 
 
 class ScriptError(Exception):
@@ -30,8 +29,7 @@ class ScriptError(Exception):
 class FinishBatches:
     def __init__(self, connection: RespConnection, script: str, *, outage_s: float = 30.0) -> None:
         self.connection = connection
-        self.script = script
-        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self.script = Script(script)
         self._batches: Batches[Command] = Batches(self._execute, name="finish", outage_s=outage_s)
 
     @property
@@ -41,22 +39,12 @@ class FinishBatches:
 
     async def call(self, keys: list[str], args: list[Any]) -> Any:
         """The script's reply for these keys and arguments."""
-        return await self._batches.submit((b"EVALSHA", self.sha, len(keys), *keys, *args))
+        return await self._batches.submit(self.script.call(keys, args))
 
     async def _execute(self, commands: list[Command]) -> list[Any]:
         replies = await self.connection.execute(commands)
-        missed = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
-        if missed:
-            # Redis lost its script cache (a restart): nothing of these calls ran.
-            await self.connection.execute([(b"SCRIPT", b"LOAD", self.script)])
-            again = await self.connection.execute([commands[i] for i in missed])
-            for i, reply in zip(missed, again, strict=True):
-                replies[i] = reply
+        replies = await load_missing_scripts(self.connection, (self.script,), commands, replies)
         return [ScriptError(str(r)) if isinstance(r, ReplyError) else r for r in replies]
-
-
-def _is_noscript(reply: Any) -> bool:
-    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 def finish_in_batches(worker: Any, batches: FinishBatches) -> None:

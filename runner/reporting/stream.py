@@ -30,10 +30,18 @@ from bullmq.redis_connection import loadScript
 
 from runner.log import log
 from runner.queue.keys import Keys
-from runner.resp import Arg, Batches, Command, ReplyError, RespConnection
+from runner.resp import (
+    Arg,
+    Batches,
+    Command,
+    ReplyError,
+    RespConnection,
+    Script,
+    load_missing_scripts,
+)
 
-_UPDATE_PROGRESS = loadScript("updateProgress-3.lua")
-_ADD_LOG = loadScript("addLog-2.lua")
+_UPDATE_PROGRESS = Script(loadScript("updateProgress-3.lua"))
+_ADD_LOG = Script(loadScript("addLog-2.lua"))
 
 
 @dataclass(slots=True)
@@ -74,12 +82,6 @@ class RedisStatusSink:
         self._batches: Batches[Transition | _StateRead] = Batches(
             self._execute, name="status", outage_s=outage_s
         )
-        self._progress_sha = ""
-        self._log_sha = ""
-
-    @property
-    def batches(self) -> int:
-        return self._batches.sent
 
     def write(self, *transitions: Transition) -> asyncio.Future[None]:
         """Write the transitions, in order, in one transaction: await the returned future."""
@@ -91,20 +93,8 @@ class RedisStatusSink:
         state: RunState = await self._batches.submit(_StateRead(run_id))
         return state
 
-    async def _ensure_scripts(self) -> None:
-        if not self._progress_sha:
-            replies = await self.connection.execute(
-                [(b"SCRIPT", b"LOAD", _UPDATE_PROGRESS), (b"SCRIPT", b"LOAD", _ADD_LOG)]
-            )
-            for reply in replies:
-                if isinstance(reply, ReplyError):
-                    raise ConnectionError(f"Redis refused BullMQ's scripts: {reply}")
-            self._progress_sha, self._log_sha = (r.decode() for r in replies)
-
     async def _execute(self, batch: list[Transition | _StateRead]) -> list[Any]:
-        await self._ensure_scripts()
         commands: list[Command] = []
-        scripted: list[tuple[int, Command]] = []
         reads: list[int] = []
         events_key, meta_key = self.keys.events(), self.keys.meta()
         for t in batch:
@@ -128,16 +118,21 @@ class RedisStatusSink:
                     commands.append((b"EXPIRE", run_key, self.retention_s))
             job_key = self.keys.job(t.job_id)
             if t.progress is not None:
-                args: tuple[Arg, ...] = (3, job_key, events_key, meta_key, t.job_id, t.progress)
-                scripted.append((len(commands), (b"EVALSHA", self._progress_sha, *args)))
-                commands.append(scripted[-1][1])
+                commands.append(
+                    _UPDATE_PROGRESS.call((job_key, events_key, meta_key), (t.job_id, t.progress))
+                )
             for line in t.log_lines:
                 keep = str(t.keep_logs) if t.keep_logs else ""
-                args = (2, job_key, self.keys.job_logs(t.job_id), t.job_id, line, keep)
-                scripted.append((len(commands), (b"EVALSHA", self._log_sha, *args)))
-                commands.append(scripted[-1][1])
+                logs_key = self.keys.job_logs(t.job_id)
+                commands.append(_ADD_LOG.call((job_key, logs_key), (t.job_id, line, keep)))
         replies = await self.connection.execute(commands, transaction=True)
-        await self._repair(replies, scripted)
+        # The events went in with the first transaction; only script calls can miss.
+        replies = await load_missing_scripts(
+            self.connection, (_UPDATE_PROGRESS, _ADD_LOG), commands, replies, transaction=True
+        )
+        errors = [r for r in replies if isinstance(r, ReplyError)]
+        if errors:
+            log.warning("status.command_error", error=str(errors[0])[:200], count=len(errors))
         results: list[Any] = []
         read = iter(reads)
         at = next(read, -1)
@@ -148,22 +143,6 @@ class RedisStatusSink:
             else:
                 results.append(None)
         return results
-
-    async def _repair(self, replies: list[Any], scripted: list[tuple[int, Command]]) -> None:
-        """Scripts vanish when Redis restarts without persistence of its script cache: load
-        them again and send only the script calls that missed (the events were written)."""
-        missed = [command for i, command in scripted if _is_noscript(replies[i])]
-        errors = [r for r in replies if isinstance(r, ReplyError) and not _is_noscript(r)]
-        if errors:
-            log.warning("status.command_error", error=str(errors[0])[:200], count=len(errors))
-        if not missed:
-            return
-        old = {self._progress_sha: "progress", self._log_sha: "log"}
-        self._progress_sha = self._log_sha = ""
-        await self._ensure_scripts()
-        sha = {"progress": self._progress_sha, "log": self._log_sha}
-        again = [(c[0], sha[old[str(c[1])]], *c[2:]) for c in missed]
-        await self.connection.execute(again, transaction=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +162,6 @@ def _run_state(checkpoint: Any, cancel: Any) -> RunState:
     if cancel is not None:
         reason = cancel.decode("utf-8", "replace") or "canceled"
     return fields, reason
-
-
-def _is_noscript(result: Any) -> bool:
-    return isinstance(result, ReplyError) and str(result).startswith("NOSCRIPT")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from runner.resp import RespConnection, pack
+from runner.resp import RespConnection, Script, load_missing_scripts, pack
 from tests.conftest import REDIS_URL
 
 
@@ -197,5 +197,27 @@ async def test_a_decoding_connection_replaces_invalid_utf8_instead_of_failing(ke
     try:
         replies = await conn.execute([("SET", key, b"ok \xff"), ("GET", key), ("PING",)])
         assert replies == ["OK", "ok \ufffd", "PONG"]
+    finally:
+        conn.close()
+
+
+async def test_calls_that_miss_their_script_are_sent_again_once_it_is_loaded(
+    private_redis: int,
+) -> None:
+    conn = RespConnection(f"redis://:pw@127.0.0.1:{private_redis}/0", timeout_s=5)
+    echo, add = Script("return ARGV[1]"), Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    try:
+        await conn.execute([(b"SCRIPT", b"FLUSH")])
+        commands = [echo.call((), ("a",)), (b"SET", "plain", "1"), add.call(("n",), (5,))]
+        replies = await conn.execute(commands, transaction=True)
+        assert [str(r).split()[0] for r in (replies[0], replies[2])] == ["NOSCRIPT", "NOSCRIPT"]
+
+        replies = await load_missing_scripts(conn, (echo, add), commands, replies, transaction=True)
+
+        assert replies == [b"a", b"OK", 5]
+        assert await conn.execute([(b"GET", "n"), (b"SCRIPT", b"EXISTS", echo.sha, add.sha)]) == [
+            b"5",
+            [1, 1],
+        ]
     finally:
         conn.close()
