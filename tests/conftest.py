@@ -11,9 +11,12 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -182,3 +185,89 @@ async def read_stream(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]
 
 def b64key(key: bytes) -> str:
     return base64.b64encode(key).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A ``redis-server`` of a test's own, never the shared one: the test may stop, restart or
+    break it. ``args`` are extra server options; ``unixsocket`` serves a socket path instead of
+    TCP; ``tls`` (certificate, key, CA files) serves TLS only, and the URL names the CA."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *args: str,
+        unixsocket: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.unixsocket = unixsocket
+        self.tls = tls
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.unixsocket is not None:
+            return f"unix://{self.unixsocket}?db=0"
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if self.unixsocket is not None:
+            listen = ["--port", "0", "--unixsocket", str(self.unixsocket)]
+        elif self.tls is not None:
+            cert, key, ca = (str(path) for path in self.tls)
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert]
+            listen += ["--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+        else:
+            listen = ["--port", str(self.port)]
+        log_path = self.directory / f"redis-{self.port}.log"
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    shutil.which("redis-server") or "redis-server",
+                    *("--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)),
+                    *listen,
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"redis-server did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.025)
+
+    def _ready(self) -> bool:
+        """Accepting connections and, where a PING can be sent, done loading its data."""
+        try:
+            if self.unixsocket is not None:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(0.2)
+                sock.connect(str(self.unixsocket))
+            else:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.2)
+            with sock:
+                if self.tls is not None:
+                    return True
+                sock.sendall(b"PING\r\n")
+                reply = sock.recv(64)
+                return bool(reply) and not reply.startswith(b"-LOADING")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None

@@ -16,7 +16,8 @@ from bullmq import Queue
 
 from runner.queue.worker import QueueWorker, redis_options
 from runner.settings import Settings
-from tests.integration.test_resilience import OwnRedis, wait_for
+from tests.integration.test_resilience import own_redis as own_redis_server
+from tests.integration.test_resilience import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ QUEUE = "finish-test"
 
 @pytest.fixture
 async def own_redis(tmp_path: Path) -> AsyncIterator[str]:
-    own = OwnRedis(tmp_path)
+    own = own_redis_server(tmp_path)
     own.start()
     yield own.url
     own.stop()

@@ -8,77 +8,30 @@ restart it. That test stops a Redis of its own on a spare port, never the shared
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from tests.conftest import node_peer
+from tests.conftest import RedisServer, free_port, node_peer
 
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    # RUNNER_HEALTH_PORT=0 means "off", so the probes need a concrete port chosen up front.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A ``redis-server`` of this test's own, on a spare port, that the test may stop and start."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._workdir = workdir
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        argv += ["--dir", str(self._workdir)]
-        with (self._workdir / f"redis-{self.port}.log").open("ab") as log:
-            self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        # No client-side retries: each PING answers at once, so the loop below sets the pace.
-        client = aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0))
-        try:
-            # redis-server gives no readiness signal but its port: ask until it answers.
-            for _ in range(200):
-                assert self._proc.poll() is None, "redis-server exited at start"
-                try:
-                    await client.ping()
-                    return
-                except aioredis.ConnectionError:
-                    await asyncio.sleep(0.025)
-            raise AssertionError(f"redis-server on {self.port} never answered PING")
-        finally:
-            await client.aclose()
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-        self._proc = None
-
-
 @pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    await server.start()
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it stops and starts."""
+    server = RedisServer(tmp_path)
+    server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def health_port() -> int:
+    # RUNNER_HEALTH_PORT=0 means "off", so the probes need a concrete port chosen up front.
     return free_port()
 
 
@@ -119,7 +72,7 @@ async def test_probes_answer_when_the_runner_is_alive_and_redis_answers(
 
 
 async def test_losing_redis_makes_the_runner_unready_not_dead_until_redis_returns(
-    runner_process: Any, private_redis: PrivateRedis, health_port: int, queue_name: str
+    runner_process: Any, private_redis: RedisServer, health_port: int, queue_name: str
 ) -> None:
     # Given a runner on its own Redis, ready
     runner = await runner_process(
@@ -140,7 +93,7 @@ async def test_losing_redis_makes_the_runner_unready_not_dead_until_redis_return
         assert runner.proc.poll() is None, runner.stderr()
 
         # When Redis comes back, Then the runner is ready again and still alive
-        await private_redis.start()
+        private_redis.start()
         assert await wait_for_probe(http, f"{base}/readyz", 200) == {"redis": "ok"}
         assert await probe(http, f"{base}/healthz") == (200, {"alive": True})
 

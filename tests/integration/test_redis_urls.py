@@ -5,10 +5,6 @@ to reach a server that speaks nothing else."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +15,7 @@ from aiohttp import web
 from bullmq import Queue
 
 from runner.queue.worker import redis_options
-from tests.conftest import read_stream
+from tests.conftest import RedisServer, read_stream
 from tests.integration.test_resilience import linear_version, wait_for
 from tests.integration.test_tls import Pki
 from tests.workflows import job_data
@@ -27,35 +23,12 @@ from tests.workflows import job_data
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(args: list[str], ready: Any) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--save", "", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 10
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            output = proc.stdout.read().decode() if proc.stdout else ""
-            raise AssertionError(f"redis-server did not start: {output[-2000:]}")
-        time.sleep(0.05)
-    return proc
-
-
 @pytest.fixture
 def unix_redis(tmp_path: Path) -> Iterator[str]:
-    path = tmp_path / "redis.sock"
-    proc = _start(["--port", "0", "--unixsocket", str(path)], path.exists)
-    yield f"unix://{path}?db=0"
-    proc.terminate()
-    proc.wait(10)
+    server = RedisServer(tmp_path, unixsocket=tmp_path / "redis.sock")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
@@ -64,35 +37,10 @@ def tls_redis(tmp_path: Path) -> Iterator[str]:
     cert, key = pki.server_files(tmp_path, "127.0.0.1")
     ca = tmp_path / "ca.pem"
     ca.write_text(pki.ca_pem)
-    port = _free_port()
-
-    def listening() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    proc = _start(
-        [
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--tls-cert-file",
-            str(cert),
-            "--tls-key-file",
-            str(key),
-            "--tls-ca-cert-file",
-            str(ca),
-            "--tls-auth-clients",
-            "no",
-        ],
-        listening,
-    )
-    yield f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
-    proc.terminate()
-    proc.wait(10)
+    server = RedisServer(tmp_path, tls=(cert, key, ca))
+    server.start()
+    yield server.url
+    server.stop()
 
 
 async def _runs_end_to_end(url: str, serve: Any, runner_process: Any, queue_name: str) -> None:

@@ -4,10 +4,7 @@ restarts. Real runner processes, real Redis, a real HTTP target that records eve
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from tests.conftest import node_peer, read_stream
+from tests.conftest import RedisServer, node_peer, read_stream
 from tests.workflows import job_data
 
 pytestmark = pytest.mark.integration
@@ -311,65 +308,15 @@ async def test_cancel_before_start_sends_no_request(
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnRedis:
+def own_redis(directory: Path) -> RedisServer:
     """A Redis of this test's own, with an append-only file so a restart keeps the queue."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(7).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("own redis did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
+    return RedisServer(directory, "--appendonly", "yes", "--appendfsync", "always")
 
 
 async def test_redis_restart_in_the_middle_of_a_batch_loses_no_run(
     serve: Any, runner_process: Any, queue_name: str, tmp_path: Path
 ) -> None:
-    own = OwnRedis(tmp_path)
+    own = own_redis(tmp_path)
     own.start()
     try:
         target = Target()

@@ -4,12 +4,9 @@ private one with a password, an ACL user and a database other than 0, which a te
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import hiredis
@@ -18,51 +15,20 @@ import redis
 import redis.asyncio as aioredis
 
 from runner.resp import RespConnection, Script, load_missing_scripts, pack
-from tests.conftest import REDIS_URL
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import REDIS_URL, RedisServer
 
 
 @pytest.fixture
-def private_redis() -> Iterator[int]:
+def private_redis(tmp_path: Path) -> Iterator[int]:
     """A Redis that wants a password ("pw" for the default user, "alice"/"apw" for an ACL user)."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            "pw",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = RedisServer(tmp_path, "--requirepass", "pw")
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64):
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        with redis.Redis(port=port, password="pw") as admin:
+        with redis.Redis(port=server.port, password="pw") as admin:
             admin.execute_command("ACL", "SETUSER", "alice", "on", ">apw", "~*", "&*", "+@all")
-        yield port
+        yield server.port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 @pytest.fixture
