@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -30,17 +30,6 @@ PREVIEW_LIMIT_BYTES = 16 * 1024
 _STATUS = re.compile(rb'^\{"status":(\d+)')
 
 _encode = msgspec.json.Encoder().encode
-
-
-class _Done:
-    """An awaitable that is already done (a held transition has nothing to wait for)."""
-
-    def __await__(self) -> Generator[None, None, None]:
-        return
-        yield
-
-
-_DONE = _Done()
 
 
 class StatusSink(Protocol):
@@ -125,7 +114,7 @@ class RunReporter:
         or its end) and goes in the same transaction: one write fewer per run, and no step
         event is ever written without it."""
         self.started_ms = started_ms
-        await self._publish(
+        self._held = self._transition(
             RunEvent(
                 seq=self._next(),
                 workflow_run_id=self.run_id,
@@ -138,7 +127,6 @@ class RunReporter:
             ),
             {"startedAt": str(started_ms).encode()},
             lines=(f"run RUNNING ({self.total_steps} steps)",),
-            hold=True,
             renew=True,
         )
         self._exec("info", "run started", {"totalSteps": self.total_steps})
@@ -322,15 +310,23 @@ class RunReporter:
         *,
         progress: dict[str, Any] | None = None,
         lines: tuple[str, ...] = (),
-        hold: bool = False,
-        renew: bool = False,
     ) -> Awaitable[None]:
-        """One transition: the event with its checkpoint fields, progress and log lines.
-        ``hold`` keeps it to be written with the next one, in the same transaction.
+        """Write one transition. Not a coroutine, nor is ``_write``: the caller awaits the
+        sink's write directly, so a run resumes through two frames fewer when its batch is
+        written."""
+        return self._write(self._transition(event, checkpoint, progress=progress, lines=lines))
 
-        Not a coroutine, nor is ``_write``: the caller awaits the sink's write directly, so a
-        run resumes through two frames fewer when its batch is written."""
-        transition = Transition(
+    def _transition(
+        self,
+        event: RunEvent | StepEvent,
+        checkpoint: dict[str, bytes] | None,
+        *,
+        progress: dict[str, Any] | None = None,
+        lines: tuple[str, ...] = (),
+        renew: bool = False,
+    ) -> Transition:
+        """The event with its checkpoint fields, progress and log lines, redacted."""
+        return Transition(
             self.run_id,
             self.job_id,
             event=self.redact.json(event),
@@ -341,10 +337,6 @@ class RunReporter:
             keep_logs=self.keep_logs,
             renew=renew,
         )
-        if hold:
-            self._held = transition
-            return _DONE
-        return self._write(transition)
 
     def _write(self, transition: Transition) -> Awaitable[None]:
         held, self._held = self._held, None
