@@ -369,6 +369,13 @@ def render(
         line = report.command_breakdown(results, c, "w3")
         if line:
             notes.append("Redis commands per run, " + line)
+    for c in ("runner", "node-fetch", "node-http"):
+        line = report.redis_bytes(results, c, "w3")
+        if line:
+            notes.append("Redis bytes per run, " + line)
+        line = report.syscalls(results, c, "w3")
+        if line:
+            notes.append("I/O system calls per run, " + line)
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     if in_flight_rows:

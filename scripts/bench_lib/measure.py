@@ -105,6 +105,7 @@ def throughput(
         pids = procstat.tree(p.pid for p in procs)
         closing = on_window(pids) if on_window is not None else None
         cpu0, srv0 = procstat.cpu_s(pids), procstat.cpu_s([ctx.server_pid])
+        io0 = procstat.io_syscalls(pids)
         snap0 = redisctl.snapshot(client)
         polls = 0
         window_deadline = t0 + max(120.0, runs / 20)
@@ -128,6 +129,7 @@ def throughput(
         if closing is not None:
             closing()
         cpu1, srv1 = procstat.cpu_s(pids), procstat.cpu_s([ctx.server_pid])
+        io1 = procstat.io_syscalls(pids)
         snap1 = redisctl.snapshot(client)
         hwm_kb = [procstat.status_kb(pid, "VmHWM") for pid in pids]
         elapsed_s = t1 - t0
@@ -152,6 +154,11 @@ def throughput(
             "redis_cpu_ms_per_run": 1000 * (snap1.cpu_s - snap0.cpu_s) / runs,
             "redis_commands_per_run": commands / runs,
             "redis_reads_per_run": reads / runs,
+            # The bench's own polls are in these (two ZCARDs each, about 80 bytes in and 10 out).
+            "read_syscalls_per_run": (io1[0] - io0[0]) / runs,
+            "write_syscalls_per_run": (io1[1] - io0[1]) / runs,
+            "redis_bytes_in_per_run": (snap1.net_in - snap0.net_in) / runs,
+            "redis_bytes_out_per_run": (snap1.net_out - snap0.net_out) / runs,
             "redis_commands_by_name_per_run": {
                 k: round(v / runs, 3) for k, v in sorted(by_command.items()) if v > 0
             },

@@ -61,3 +61,23 @@ def status_kb(pid: int, key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def io_syscalls(pids: Iterable[int]) -> tuple[int, int]:
+    """Read-like and write-like system calls (``syscr``, ``syscw`` of /proc/pid/io: read, recv,
+    write, writev...) of the live processes, counted where the kernel counts them for
+    /proc/pid/io: libuv's ``read`` and ``write`` on sockets are in, ``recvfrom``/``sendto`` are
+    not. The runner and the Node workers both go through libuv, so their counts compare."""
+    reads = writes = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name == "syscr":
+                        reads += int(value)
+                    elif name == "syscw":
+                        writes += int(value)
+        except OSError:
+            pass
+    return reads, writes

@@ -11,7 +11,10 @@ Counts, as deltas over a measurement window:
   (one BullMQ ``EVALSHA`` counts 1 + its inner calls), as ``INFO commandstats`` does;
 - reads: ``total_reads_processed``, socket reads the server served: one per client round trip
   (a pipeline, or commands that arrive together, count once);
-- CPU: ``used_cpu_user`` + ``used_cpu_sys`` of the server.
+- CPU: ``used_cpu_user`` + ``used_cpu_sys`` of the server;
+- bytes: ``total_net_input_bytes`` and ``total_net_output_bytes``, what clients sent and were
+  sent (on loopback a client's write pays for the server's side of TCP too, so the bytes a
+  contender writes show in its own CPU).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Snapshot:
     commands: int
     reads: int
     cpu_s: float
+    net_in: int = 0
+    net_out: int = 0
     by_command: dict[str, int] = field(default_factory=dict)
 
 
@@ -45,6 +50,8 @@ def snapshot(client: redis.Redis) -> Snapshot:
         commands=int(stats["total_commands_processed"]),
         reads=int(stats["total_reads_processed"]),
         cpu_s=float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        net_in=int(stats["total_net_input_bytes"]),
+        net_out=int(stats["total_net_output_bytes"]),
         by_command={k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in cmdstats.items()},
     )
 

@@ -175,3 +175,35 @@ def command_breakdown(results: list[dict[str, Any]], contender: str, workload: s
     last = rows[-1]["redis_commands_by_name_per_run"]
     parts = [f"{k} {v:g}" for k, v in sorted(last.items(), key=lambda kv: -kv[1])]
     return f"{contender} {workload.upper()}: " + ", ".join(parts)
+
+
+def redis_bytes(results: list[dict[str, Any]], contender: str, workload: str) -> str:
+    """Bytes to and from Redis per run, median over rounds."""
+    rows = [
+        r
+        for r in results
+        if r.get("contender") == contender
+        and r.get("workload") == workload
+        and "redis_bytes_in_per_run" in r
+    ]
+    if not rows:
+        return ""
+    sent = median(_values(rows, "redis_bytes_in_per_run"))
+    received = median(_values(rows, "redis_bytes_out_per_run"))
+    return f"{contender} {workload.upper()}: {sent:,.0f} sent, {received:,.0f} received"
+
+
+def syscalls(results: list[dict[str, Any]], contender: str, workload: str) -> str:
+    """Read and write system calls of the contender's processes per run, median over rounds."""
+    rows = [
+        r
+        for r in results
+        if r.get("contender") == contender
+        and r.get("workload") == workload
+        and "write_syscalls_per_run" in r
+    ]
+    if not rows:
+        return ""
+    reads = median(_values(rows, "read_syscalls_per_run"))
+    writes = median(_values(rows, "write_syscalls_per_run"))
+    return f"{contender} {workload.upper()}: {reads:.1f} reads, {writes:.1f} writes"
