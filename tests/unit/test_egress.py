@@ -12,13 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.errors import ErrorCode, TransportError
-from runner.http.egress import (
-    EgressPolicy,
-    GuardedResolver,
-    address_denial_reason,
-    egress_error,
-    parse_ip_literal,
-)
+from runner.http.addresses import address_denial_reason, parse_ip_literal
+from runner.http.egress import EgressPolicy, GuardedResolver, egress_error
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT = EgressPolicy()
