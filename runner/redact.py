@@ -170,7 +170,12 @@ class Redactor:
         # re.IGNORECASE defeats the regex engine's literal-prefix scan (8x slower on a typical
         # line), so plain substring searches over the lower-cased text decide whether to run
         # it; names outside ASCII, which bytes.lower() does not fold, are probed by a regex.
-        self._ascii_names = tuple(n for n in sorted(self._names) if n.isascii())
+        # A name that holds another (``set-cookie``, ``cookie``) needs no search of its own: it
+        # is found only where the shorter one is.
+        ascii_names = [n for n in self._names if n.isascii()]
+        self._ascii_names = tuple(
+            sorted(n for n in ascii_names if not any(o != n and o in n for o in ascii_names))
+        )
         self._ascii_names_b = tuple(n.encode() for n in self._ascii_names)
         others = [n for n in self._names if not n.isascii()]
         self._other_names_probe = re.compile(_trie_pattern(others)) if others else None

@@ -335,3 +335,20 @@ def test_a_name_outside_ascii_is_still_found_in_any_case() -> None:
     assert not redactor.is_clean_json('{"ÜNÏCODE-KÉY": "v"}'.encode())
     assert not redactor.is_clean_json(b'{"h": "AUTHORIZATION: x"}')
     assert redactor.is_clean_json(b'{"h": "author"}')
+
+
+@pytest.mark.parametrize(
+    "redactor",
+    [Redactor(), Redactor([], ["X-API-Key", "api-key", "token", "Ünïcode-Kéy"])],
+    ids=["default names", "configured names holding others"],
+)
+def test_every_sensitive_name_fails_the_clean_check_and_is_masked(redactor: Redactor) -> None:
+    # The clean checks search for fewer names than they know (a name holding another needs no
+    # search of its own); none may slip through, whichever case it is written in.
+    for name in sorted(redactor.sensitive_names):
+        for spelled in (name, name.upper()):
+            data = {"headers": {spelled: "v4lue"}}
+            raw = json.dumps(data, ensure_ascii=False).encode()
+            assert not redactor.is_clean_json(raw), spelled
+            assert not redactor.is_clean(f"{spelled}: v4lue"), spelled
+            assert b"v4lue" not in redactor.json(data), spelled
