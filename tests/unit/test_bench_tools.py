@@ -1,0 +1,16 @@
+"""The benchmark's own tools still run against the current code (they are run on demand, so
+nothing else would notice them break)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench_lib import reporting_loop
+
+
+def test_the_reporting_loop_reports_each_run_as_w3_does() -> None:
+    connection = reporting_loop.InstantConnection()
+    per_run_s = asyncio.run(reporting_loop.main(20, connection))
+    # Run RUNNING, then RUNNING and SUCCESS for each of the three steps, then run SUCCESS.
+    assert connection.events == 20 * 8
+    assert per_run_s > 0
