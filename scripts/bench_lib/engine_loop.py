@@ -1,0 +1,219 @@
+"""A W3 run's engine and reporting in a loop of their own: the runner's CPU per run without the
+queue, without sockets and without aiohttp.
+
+    PYTHONPATH=scripts .venv/bin/python -m bench_lib.engine_loop [runs]
+
+The bench's W3 definition (``scripts/bench_node/workloads.mjs``) is compiled once, as the
+definition cache does; each run goes through the real ``Engine`` (templating, schema checks,
+request building, output extraction, retries' bookkeeping) and the real ``RunReporter`` and
+``RedisStatusSink``. The transport answers each request at once with what the bench's API
+answers, and the sink's connection answers each batch at once (``reporting_loop``). 50 runs at
+once on uvloop. Subtract ``reporting_loop``'s number to get the engine's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from bench_lib.reporting_loop import InstantConnection
+from runner.contract import Connection, decode_workflow_version
+from runner.engine.plan import Plan, compile_plan
+from runner.engine.ports import RunContext, SystemClock
+from runner.engine.run import Engine
+from runner.http.messages import HttpRequest, HttpResponse
+from runner.queue.keys import Keys
+from runner.redact import Redactor
+from runner.reporting.status import RunReporter
+from runner.reporting.stdout_log import StdoutExecutionLog
+from runner.reporting.stream import RedisStatusSink
+
+BASE_URL = "http://127.0.0.1:8080"
+HEADERS = {
+    "content-type": "application/json",
+    "date": "Thu, 26 Nov 2026 05:38:37 GMT",
+    "connection": "keep-alive",
+    "keep-alive": "timeout=120",
+}
+
+
+def _w3_definition() -> dict[str, Any]:
+    """``workflowVersion('w3', BASE_URL, 'none')`` of workloads.mjs."""
+    action = {"timeoutMs": 30000}
+    return {
+        "id": "wfv_bench_w3",
+        "workflowId": "wf_bench_w3",
+        "version": 1,
+        "parameterSchema": {
+            "type": "object",
+            "required": ["customerId"],
+            "properties": {"customerId": {"type": "string"}},
+        },
+        "envConfig": {"vars": {"REGION": "eu"}},
+        "timeoutMs": 300000,
+        "graph": {
+            "steps": [
+                {
+                    "key": "fetch_customer",
+                    "actionId": "act_get_customer",
+                    "connectionId": "conn_api",
+                    "input": {"path": {"customerId": "{{ input.customerId }}"}},
+                    "extract": {"email": "$.body.email"},
+                },
+                {
+                    "key": "create_ticket",
+                    "actionId": "act_create_ticket",
+                    "connectionId": "conn_api",
+                    "input": {
+                        "body": {
+                            "requester": "{{ steps.fetch_customer.output.email }}",
+                            "region": "{{ env.REGION }}",
+                            "subject": "Order {{ input.orderNo }} for "
+                            "{{ steps.fetch_customer.output.body.name }}",
+                            "priority": "{{ input.priority }}",
+                        }
+                    },
+                },
+                {
+                    "key": "get_ticket",
+                    "actionId": "act_get_ticket",
+                    "connectionId": "conn_api",
+                    "input": {"path": {"ticketId": "{{ steps.create_ticket.output.body.id }}"}},
+                },
+            ]
+        },
+        "actions": {
+            "act_get_customer": {
+                **action,
+                "id": "act_get_customer",
+                "name": "Get customer",
+                "method": "GET",
+                "endpointTemplate": "/customers/{customerId}",
+            },
+            "act_create_ticket": {
+                **action,
+                "id": "act_create_ticket",
+                "name": "Create ticket",
+                "method": "POST",
+                "endpointTemplate": "/tickets",
+                "headersTemplate": {"X-Region": "{{ env.REGION }}"},
+                "idempotencyHeader": "Idempotency-Key",
+            },
+            "act_get_ticket": {
+                **action,
+                "id": "act_get_ticket",
+                "name": "Get ticket",
+                "method": "GET",
+                "endpointTemplate": "/tickets/{ticketId}",
+            },
+        },
+        "connections": {
+            "conn_api": {"id": "conn_api", "type": "NONE", "config": {"baseUrl": BASE_URL}}
+        },
+    }
+
+
+class InstantApi:
+    """The engine's ``Transport``, answering as the bench's API does, at once."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def send(
+        self,
+        request: HttpRequest,
+        *,
+        connection: Connection | None,
+        tenant_id: str,
+        timeout_s: float,
+    ) -> HttpResponse:
+        self.requests += 1
+        await asyncio.sleep(0)
+        path = request.url[len(BASE_URL) :]
+        if request.method == "POST":
+            body = {"id": f"t_{self.requests}", **json.loads(request.body or b"{}")}
+            status = 201
+        elif path.startswith("/customers/"):
+            cid = path.rsplit("/", 1)[1]
+            body = {"id": cid, "email": f"{cid}@example.com", "name": f"Customer {cid}"}
+            status = 200
+        else:
+            body = {"id": path.rsplit("/", 1)[1], "status": "open"}
+            status = 200
+        raw = json.dumps(body).encode()
+        return HttpResponse(status, {**HEADERS, "content-length": str(len(raw))}, raw)
+
+
+async def one_run(
+    i: int,
+    plan: Plan,
+    engine: Engine,
+    sink: RedisStatusSink,
+    clock: SystemClock,
+    redactor: Redactor,
+) -> str:
+    run_id = f"run_{i}"
+    reporter = RunReporter(
+        run_id=run_id,
+        tenant_id="ten_bench",
+        version_id=plan.id,
+        job_id=run_id,
+        worker_id="bench",
+        total_steps=len(plan.steps),
+        sink=sink,
+        execlog=StdoutExecutionLog(redact=redactor.value),
+        redact=redactor,
+        now_ms=clock.now_ms,
+    )
+    started = clock.now_ms()
+    ctx = RunContext(
+        job_id=run_id,
+        run_id=run_id,
+        tenant_id="ten_bench",
+        version_id=plan.id,
+        input={"customerId": f"c_{i}", "orderNo": i, "priority": 2},
+        started_ms=started,
+        deadline_ms=started + plan.version.timeout_ms,
+        connections=dict(plan.version.connections),
+    )
+    outcome = await engine.run(plan, ctx, reporter)
+    return str(outcome.status)
+
+
+async def main(runs: int, api: InstantApi | None = None) -> tuple[float, dict[str, int]]:
+    plan = compile_plan(decode_workflow_version(_w3_definition()))
+    clock = SystemClock()
+    engine = Engine(api or InstantApi(), clock)
+    sink = RedisStatusSink(
+        InstantConnection(),  # type: ignore[arg-type]
+        stream="bull:bench:status",
+        keys=Keys("bull", "bench"),
+    )
+    # A run without secrets shares the process's redactor, as RunService does.
+    redactor = Redactor()
+    slots = asyncio.Semaphore(50)
+    statuses: dict[str, int] = {}
+
+    async def slot(i: int) -> None:
+        async with slots:
+            status = await one_run(i, plan, engine, sink, clock, redactor)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    started = time.process_time()
+    await asyncio.gather(*(slot(i) for i in range(runs)))
+    return (time.process_time() - started) / runs, statuses
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    results = [uvloop.run(main(n)) for _ in range(3)]
+    print(
+        f"engine and reporting, CPU per W3 run (3 loops of {n:,}): "
+        + ", ".join(f"{1e6 * per_run:.0f} µs" for per_run, _ in results)
+        + f"; outcomes {results[-1][1]}"
+    )
