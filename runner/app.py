@@ -126,13 +126,13 @@ async def build(settings: Settings) -> Runtime:
     if settings.mongodb_url:
         execlog = MongoExecutionLog(
             settings.mongodb_url,
-            redact=lambda value: SECRETS.redactor().value(value),
+            redact=lambda value: SECRETS.redactor().scrubbed(value),
             on_warning=lambda message, context: log.warning(
                 "execlog.warning", detail=message, **context
             ),
         )
     else:
-        execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().value(value))
+        execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().scrubbed(value))
     definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
     tel = telemetry.from_env(os.environ, queue_name=settings.queue)
     cancels = CancelWatch(

@@ -1,7 +1,7 @@
 """A W3 run's engine and reporting in a loop of their own: the runner's CPU per run without the
 queue, without sockets and without aiohttp.
 
-    PYTHONPATH=scripts .venv/bin/python -m bench_lib.engine_loop [runs]
+    PYTHONPATH=scripts .venv/bin/python -m bench_lib.engine_loop [runs] [--documents]
 
 The bench's W3 definition (``scripts/bench_node/workloads.mjs``) is compiled once, as the
 definition cache does; each run goes through the real ``Engine`` (templating, schema checks,
@@ -9,6 +9,10 @@ request building, output extraction, retries' bookkeeping) and the real ``RunRep
 ``RedisStatusSink``. The transport answers each request at once with what the bench's API
 answers, and the sink's connection answers each batch at once (``reporting_loop``). 50 runs at
 once on uvloop. Subtract ``reporting_loop``'s number to get the engine's own.
+
+Execution-log lines are dropped as the bench's runner drops them (no ``RUNNER_MONGODB_URL``, info
+lines filtered); ``--documents`` builds each line's document as the MongoDB sink does (into
+memory, nothing written), which is what a runner with MongoDB configured pays on top.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from runner.engine.run import Engine
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.queue.keys import Keys
 from runner.redact import Redactor
+from runner.reporting.execlog import ExecutionLog
+from runner.reporting.execlog.memory import MemoryExecutionLog
 from runner.reporting.status import RunReporter
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
@@ -156,6 +162,7 @@ async def one_run(
     sink: RedisStatusSink,
     clock: SystemClock,
     redactor: Redactor,
+    execlog: ExecutionLog,
 ) -> str:
     run_id = f"run_{i}"
     reporter = RunReporter(
@@ -166,7 +173,7 @@ async def one_run(
         worker_id="bench",
         total_steps=len(plan.steps),
         sink=sink,
-        execlog=StdoutExecutionLog(redact=redactor.value),
+        execlog=execlog,
         redact=redactor,
         now_ms=clock.now_ms,
     )
@@ -185,7 +192,9 @@ async def one_run(
     return str(outcome.status)
 
 
-async def main(runs: int, api: InstantApi | None = None) -> tuple[float, dict[str, int]]:
+async def main(
+    runs: int, api: InstantApi | None = None, *, documents: bool = False
+) -> tuple[float, dict[str, int]]:
     plan = compile_plan(decode_workflow_version(_w3_definition()))
     clock = SystemClock()
     engine = Engine(api or InstantApi(), clock)
@@ -196,13 +205,18 @@ async def main(runs: int, api: InstantApi | None = None) -> tuple[float, dict[st
     )
     # A run without secrets shares the process's redactor, as RunService does.
     redactor = Redactor()
+    execlog: ExecutionLog = StdoutExecutionLog(redact=redactor.scrubbed)
+    memory = MemoryExecutionLog(redact=redactor.scrubbed)
+    if documents:
+        execlog = memory
     slots = asyncio.Semaphore(50)
     statuses: dict[str, int] = {}
 
     async def slot(i: int) -> None:
         async with slots:
-            status = await one_run(i, plan, engine, sink, clock, redactor)
+            status = await one_run(i, plan, engine, sink, clock, redactor, execlog)
             statuses[status] = statuses.get(status, 0) + 1
+            memory.documents.clear()
 
     started = time.process_time()
     await asyncio.gather(*(slot(i) for i in range(runs)))
@@ -210,10 +224,13 @@ async def main(runs: int, api: InstantApi | None = None) -> tuple[float, dict[st
 
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
-    results = [uvloop.run(main(n)) for _ in range(3)]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 10_000
+    with_documents = "--documents" in sys.argv
+    results = [uvloop.run(main(n, documents=with_documents)) for _ in range(3)]
+    what = "with execution-log documents" if with_documents else "execution log off"
     print(
-        f"engine and reporting, CPU per W3 run (3 loops of {n:,}): "
+        f"engine and reporting ({what}), CPU per W3 run (3 loops of {n:,}): "
         + ", ".join(f"{1e6 * per_run:.0f} µs" for per_run, _ in results)
         + f"; outcomes {results[-1][1]}"
     )

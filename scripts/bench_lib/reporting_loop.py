@@ -66,7 +66,7 @@ async def one_run(i: int, sink: RedisStatusSink, redactor: Redactor, clock: Syst
         total_steps=len(STEPS),
         sink=sink,
         # As in the bench: no MongoDB, info lines filtered (the default log level).
-        execlog=StdoutExecutionLog(redact=redactor.value),
+        execlog=StdoutExecutionLog(redact=redactor.scrubbed),
         redact=redactor,
         now_ms=clock.now_ms,
     )

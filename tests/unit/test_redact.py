@@ -352,3 +352,35 @@ def test_every_sensitive_name_fails_the_clean_check_and_is_masked(redactor: Reda
             assert not redactor.is_clean_json(raw), spelled
             assert not redactor.is_clean(f"{spelled}: v4lue"), spelled
             assert b"v4lue" not in redactor.json(data), spelled
+
+
+@given(
+    st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(), _NAMES_AND_SECRETS),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4),
+            st.dictionaries(st.one_of(st.text(max_size=8), _NAMES_AND_SECRETS), inner, max_size=4),
+        ),
+        max_leaves=12,
+    )
+)
+def test_scrubbed_data_equals_the_walked_copy(data: object) -> None:
+    for redactor in (_CLEAN_CHECKED, Redactor()):
+        scrubbed = redactor.scrubbed(data)
+        assert scrubbed == redactor.value(data), data
+        if scrubbed is not data:
+            # A copy only when something was masked, never for clean data.
+            assert not redactor.is_clean_json(json.dumps(data, ensure_ascii=False).encode())
+
+
+def test_scrubbed_masks_a_secret_that_json_escapes() -> None:
+    secret = 'pa"ss\\word\n'
+    redactor = Redactor([secret])
+    data = {"note": f"the key is {secret} ok", "nested": [secret]}
+    assert redactor.scrubbed(data) == redactor.value(data)
+    assert secret not in json.dumps(redactor.scrubbed(data))
+
+
+def test_scrubbed_falls_back_to_the_walk_for_data_json_cannot_hold() -> None:
+    data = {"when": {1, 2}, "key": API_KEY}
+    assert REDACTOR.scrubbed(data) == REDACTOR.value(data)
