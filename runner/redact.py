@@ -313,6 +313,8 @@ class Redactor:
         string on its own. The hot path of the execution log, whose documents hold each step's
         output. What it returns may be ``obj`` itself: a caller that keeps it must own it (the
         MongoDB sink's documents hold a fresh copy; the stdout log writes it at once)."""
+        if isinstance(obj, str):
+            return self.value(obj)  # one string: its own scan is the cheaper one
         try:
             raw = _json_encode(obj)
         except Exception:
