@@ -3,8 +3,8 @@ queue, without sockets and without aiohttp.
 
     PYTHONPATH=scripts .venv/bin/python -m bench_lib.engine_loop [runs] [--documents]
 
-The bench's W3 definition (``scripts/bench_node/workloads.mjs``) is compiled once, as the
-definition cache does; each run goes through the real ``Engine`` (templating, schema checks,
+The bench's W3 definition (``scripts/bench_node/workloads.mjs``, read through Node) is compiled
+once, as the definition cache does; each run goes through the real ``Engine`` (templating, schema checks,
 request building, output extraction, retries' bookkeeping) and the real ``RunReporter`` and
 ``RedisStatusSink``. The transport answers each request at once with what the bench's API
 answers, and the sink's connection answers each batch at once (``reporting_loop``). 50 runs at
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -48,80 +50,21 @@ HEADERS = {
 }
 
 
-def _w3_definition() -> dict[str, Any]:
-    """``workflowVersion('w3', BASE_URL, 'none')`` of workloads.mjs."""
-    action = {"timeoutMs": 30000}
-    return {
-        "id": "wfv_bench_w3",
-        "workflowId": "wf_bench_w3",
-        "version": 1,
-        "parameterSchema": {
-            "type": "object",
-            "required": ["customerId"],
-            "properties": {"customerId": {"type": "string"}},
-        },
-        "envConfig": {"vars": {"REGION": "eu"}},
-        "timeoutMs": 300000,
-        "graph": {
-            "steps": [
-                {
-                    "key": "fetch_customer",
-                    "actionId": "act_get_customer",
-                    "connectionId": "conn_api",
-                    "input": {"path": {"customerId": "{{ input.customerId }}"}},
-                    "extract": {"email": "$.body.email"},
-                },
-                {
-                    "key": "create_ticket",
-                    "actionId": "act_create_ticket",
-                    "connectionId": "conn_api",
-                    "input": {
-                        "body": {
-                            "requester": "{{ steps.fetch_customer.output.email }}",
-                            "region": "{{ env.REGION }}",
-                            "subject": "Order {{ input.orderNo }} for "
-                            "{{ steps.fetch_customer.output.body.name }}",
-                            "priority": "{{ input.priority }}",
-                        }
-                    },
-                },
-                {
-                    "key": "get_ticket",
-                    "actionId": "act_get_ticket",
-                    "connectionId": "conn_api",
-                    "input": {"path": {"ticketId": "{{ steps.create_ticket.output.body.id }}"}},
-                },
-            ]
-        },
-        "actions": {
-            "act_get_customer": {
-                **action,
-                "id": "act_get_customer",
-                "name": "Get customer",
-                "method": "GET",
-                "endpointTemplate": "/customers/{customerId}",
-            },
-            "act_create_ticket": {
-                **action,
-                "id": "act_create_ticket",
-                "name": "Create ticket",
-                "method": "POST",
-                "endpointTemplate": "/tickets",
-                "headersTemplate": {"X-Region": "{{ env.REGION }}"},
-                "idempotencyHeader": "Idempotency-Key",
-            },
-            "act_get_ticket": {
-                **action,
-                "id": "act_get_ticket",
-                "name": "Get ticket",
-                "method": "GET",
-                "endpointTemplate": "/tickets/{ticketId}",
-            },
-        },
-        "connections": {
-            "conn_api": {"id": "conn_api", "type": "NONE", "config": {"baseUrl": BASE_URL}}
-        },
-    }
+def w3_definition() -> dict[str, Any]:
+    """The bench's own W3 WorkflowVersion, from ``workloads.mjs`` (so both measure the same)."""
+    script = (
+        "import { workflowVersion } from './workloads.mjs';"
+        f"console.log(JSON.stringify(workflowVersion('w3', '{BASE_URL}', 'none')));"
+    )
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script],
+        cwd=Path(__file__).resolve().parents[1] / "bench_node",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    definition: dict[str, Any] = json.loads(done.stdout)
+    return definition
 
 
 class InstantApi:
@@ -195,7 +138,7 @@ async def one_run(
 async def main(
     runs: int, api: InstantApi | None = None, *, documents: bool = False
 ) -> tuple[float, dict[str, int]]:
-    plan = compile_plan(decode_workflow_version(_w3_definition()))
+    plan = compile_plan(decode_workflow_version(w3_definition()))
     clock = SystemClock()
     engine = Engine(api or InstantApi(), clock)
     sink = RedisStatusSink(

@@ -177,33 +177,34 @@ def command_breakdown(results: list[dict[str, Any]], contender: str, workload: s
     return f"{contender} {workload.upper()}: " + ", ".join(parts)
 
 
-def redis_bytes(results: list[dict[str, Any]], contender: str, workload: str) -> str:
-    """Bytes to and from Redis per run, median over rounds."""
+def _median_pair(
+    results: list[dict[str, Any]], contender: str, workload: str, keys: tuple[str, str]
+) -> tuple[float, float] | None:
+    """The medians over rounds of two per-run fields of a contender on a workload."""
     rows = [
         r
         for r in results
-        if r.get("contender") == contender
-        and r.get("workload") == workload
-        and "redis_bytes_in_per_run" in r
+        if r.get("contender") == contender and r.get("workload") == workload and keys[0] in r
     ]
-    if not rows:
+    first, second = (median(_values(rows, key)) for key in keys)
+    return None if first is None or second is None else (first, second)
+
+
+def redis_bytes(results: list[dict[str, Any]], contender: str, workload: str) -> str:
+    """Bytes to and from Redis per run, median over rounds."""
+    pair = _median_pair(
+        results, contender, workload, ("redis_bytes_in_per_run", "redis_bytes_out_per_run")
+    )
+    if pair is None:
         return ""
-    sent = median(_values(rows, "redis_bytes_in_per_run"))
-    received = median(_values(rows, "redis_bytes_out_per_run"))
-    return f"{contender} {workload.upper()}: {sent:,.0f} sent, {received:,.0f} received"
+    return f"{contender} {workload.upper()}: {pair[0]:,.0f} sent, {pair[1]:,.0f} received"
 
 
 def syscalls(results: list[dict[str, Any]], contender: str, workload: str) -> str:
     """Read and write system calls of the contender's processes per run, median over rounds."""
-    rows = [
-        r
-        for r in results
-        if r.get("contender") == contender
-        and r.get("workload") == workload
-        and "write_syscalls_per_run" in r
-    ]
-    if not rows:
+    pair = _median_pair(
+        results, contender, workload, ("read_syscalls_per_run", "write_syscalls_per_run")
+    )
+    if pair is None:
         return ""
-    reads = median(_values(rows, "read_syscalls_per_run"))
-    writes = median(_values(rows, "write_syscalls_per_run"))
-    return f"{contender} {workload.upper()}: {reads:.1f} reads, {writes:.1f} writes"
+    return f"{contender} {workload.upper()}: {pair[0]:.1f} reads, {pair[1]:.1f} writes"
