@@ -90,7 +90,11 @@ def _paired(results: list[dict[str, Any]], workload: str, a: str, b: str, key: s
     return [v[a] / v[b] for v in by_round.values() if a in v and b in v and v[b] > 0]
 
 
-def ratios_table(results: list[dict[str, Any]], contenders: list[Contender]) -> str:
+def ratios_table(
+    results: list[dict[str, Any]], contenders: list[Contender], *, judged: bool = True
+) -> str:
+    """``judged``: whether the measurement is the size the targets are set at (3 rounds or more
+    of 3,000 W3 runs); a shorter one flatters the runner, the Node workers' JIT still warming."""
     names = {c.name for c in contenders}
     runners = [c.name for c in contenders if c.name.startswith("runner")]
     baselines = [
@@ -115,6 +119,8 @@ def ratios_table(results: list[dict[str, Any]], contenders: list[Contender]) -> 
                     goal = TARGETS_RUNS_PER_S[base]
                     ok = statistics.median(rps) >= goal
                     target = f"≥ {goal}x: {'met' if ok else 'not met'}"
+                    if not judged:
+                        target = f"≥ {goal}x: not judged (a short run)"
                 lines.append(
                     f"| {workload.upper()} | {runner} | {base} | {spread(rps)}x "
                     f"| {spread(cpu)}x | {target} |"
