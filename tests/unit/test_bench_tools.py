@@ -23,3 +23,27 @@ def test_the_engine_loop_runs_w3_to_success_with_three_requests_each() -> None:
     _, outcomes = asyncio.run(engine_loop.main(10, api))
     assert outcomes == {"SUCCESS": 10}
     assert api.requests == 30
+
+
+def _round(rnd: str, contender: str, runs_per_s: float) -> dict[str, object]:
+    return {
+        "round": rnd,
+        "contender": contender,
+        "workload": "w3",
+        "runs_per_s": runs_per_s,
+        "cpu_ms_per_run": 1.0,
+    }
+
+
+def test_the_target_is_judged_only_on_a_measurement_of_its_size() -> None:
+    from bench_lib import report
+    from bench_lib.contenders import all_contenders
+
+    results = [_round("1", "runner", 800), _round("1", "node-fetch", 500)]
+    contenders = all_contenders([1])
+    assert "| W3 | runner | node-fetch | 1.60x | 1.00x | ≥ 1.5x: met |" in report.ratios_table(
+        results, contenders
+    )
+    short = report.ratios_table(results, contenders, judged=False)
+    assert "≥ 1.5x: not judged (a short run)" in short
+    assert ": met" not in short
