@@ -68,82 +68,18 @@ def _url_attributes(method: str, url_redacted: str) -> dict[str, str | int]:
     return attrs
 
 
-class _OtelAttempt:
-    __slots__ = ("_attrs", "_error_type", "_otel", "_parent", "_span", "_token")
-
-    def __init__(self, otel: Instruments, parent: Context, attrs: dict[str, str | int]) -> None:
-        self._otel = otel
-        self._parent = parent
-        self._attrs = attrs
-        self._error_type: str | None = None
-        self._span: Span | None = None
-        self._token: Token[Context] | None = None
-
-    def __enter__(self) -> _OtelAttempt:
-        otel = self._otel
-        name = str(self._attrs["http.request.method"])
-        self._span = otel.tracer.start_span(
-            "HTTP" if name == "_OTHER" else name,
-            context=self._parent,
-            kind=otel.trace.SpanKind.CLIENT,
-            attributes=self._attrs,
-        )
-        self._token = otel.context.attach(otel.trace.set_span_in_context(self._span))
-        otel.attempts.add(1)
-        if int(self._attrs.get("http.request.resend_count", 0)) > 0:
-            otel.retries.add(1)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        span = self._span
-        assert span is not None
-        try:
-            if exc_type is not None and self._error_type is None:
-                # The type only: an exception's message can hold a URL with its query.
-                self._fail(span, exc_type.__qualname__)
-        finally:
-            if self._token is not None:
-                self._otel.context.detach(self._token)
-            span.end()
-
-    def _fail(self, span: Span, error_type: str) -> None:
-        self._error_type = error_type
-        span.set_attribute("error.type", error_type)
-        span.set_status(self._otel.error_status(error_type))
-
-    def response(self, status_code: int) -> None:
-        span = self._span
-        assert span is not None
-        span.set_attribute("http.response.status_code", status_code)
-        if status_code >= 400:
-            self._fail(span, str(status_code))
-
-    def error(self, error_code: str, retry_delay_ms: int | None) -> None:
-        span = self._span
-        assert span is not None
-        span.set_attribute("workflow.error_code", str(error_code))
-        if retry_delay_ms is not None:
-            span.set_attribute("workflow.retry.delay_ms", retry_delay_ms)
-        if self._error_type is None:
-            self._fail(span, str(error_code))
-
-
 class _Scope:
-    """A span that is the current one while its ``with`` block runs: the run's or a step's.
-    Leaving the block by an exception records the exception's type only (its message could
-    hold a URL with its query); ``end()`` having been called first records nothing more."""
+    """A span that is the current one while its ``with`` block runs: the run's, a step's or an
+    attempt's. Leaving the block by an exception records the exception's type only (its message
+    could hold a URL with its query); an outcome recorded before (``end()``, an attempt's
+    failure) is not overwritten."""
 
-    __slots__ = ("_ended", "_otel", "_parent", "_span", "_token")
+    __slots__ = ("_otel", "_parent", "_recorded", "_span", "_token")
 
     def __init__(self, otel: Instruments, parent: Context | None) -> None:
         self._otel = otel
         self._parent = parent
-        self._ended = False
+        self._recorded = False
         self._span: Span | None = None
         self._token: Token[Context] | None = None
 
@@ -160,9 +96,9 @@ class _Scope:
         """Record the outcome on the span, once: its status, the error type and, for a failure,
         the span's error status. Returns the metric attributes, or None if already ended."""
         span = self._span
-        if span is None or self._ended:
+        if span is None or self._recorded:
             return None
-        self._ended = True
+        self._recorded = True
         span.set_attribute(status_attribute, status)
         metric_attrs = {status_attribute: status}
         if error_code is not None:
@@ -181,13 +117,54 @@ class _Scope:
         span = self._span
         assert span is not None
         try:
-            if exc_type is not None and not self._ended:
-                span.set_attribute("error.type", exc_type.__qualname__)
-                span.set_status(self._otel.error_status(exc_type.__qualname__))
+            if exc_type is not None and not self._recorded:
+                self._fail(span, exc_type.__qualname__)
         finally:
             if self._token is not None:
                 self._otel.context.detach(self._token)
             span.end()
+
+    def _fail(self, span: Span, error_type: str) -> None:
+        self._recorded = True
+        span.set_attribute("error.type", error_type)
+        span.set_status(self._otel.error_status(error_type))
+
+
+class _OtelAttempt(_Scope):
+    """One HTTP attempt (CLIENT); the first failure seen (an error status, the runner's error
+    code, an exception) is the one it records."""
+
+    __slots__ = ("_attrs",)
+
+    def __init__(self, otel: Instruments, parent: Context, attrs: dict[str, str | int]) -> None:
+        super().__init__(otel, parent)
+        self._attrs = attrs
+
+    def __enter__(self) -> _OtelAttempt:
+        otel = self._otel
+        name = str(self._attrs["http.request.method"])
+        kind = otel.trace.SpanKind.CLIENT
+        self._open("HTTP" if name == "_OTHER" else name, kind, self._attrs)
+        otel.attempts.add(1)
+        if int(self._attrs.get("http.request.resend_count", 0)) > 0:
+            otel.retries.add(1)
+        return self
+
+    def response(self, status_code: int) -> None:
+        span = self._span
+        assert span is not None
+        span.set_attribute("http.response.status_code", status_code)
+        if status_code >= 400:
+            self._fail(span, str(status_code))
+
+    def error(self, error_code: str, retry_delay_ms: int | None) -> None:
+        span = self._span
+        assert span is not None
+        span.set_attribute("workflow.error_code", str(error_code))
+        if retry_delay_ms is not None:
+            span.set_attribute("workflow.retry.delay_ms", retry_delay_ms)
+        if not self._recorded:
+            self._fail(span, str(error_code))
 
 
 class _OtelStep(_Scope):
