@@ -121,10 +121,11 @@ class RedisStatusSink:
                 commands.append(
                     _UPDATE_PROGRESS.call((job_key, events_key, meta_key), (t.job_id, t.progress))
                 )
-            for line in t.log_lines:
+            if t.log_lines:
                 keep = str(t.keep_logs) if t.keep_logs else ""
                 logs_key = self.keys.job_logs(t.job_id)
-                commands.append(_ADD_LOG.call((job_key, logs_key), (t.job_id, line, keep)))
+                for line in t.log_lines:
+                    commands.append(_ADD_LOG.call((job_key, logs_key), (t.job_id, line, keep)))
         replies = await self.connection.execute(commands, transaction=True)
         # The events went in with the first transaction; only script calls can miss.
         replies = await load_missing_scripts(
