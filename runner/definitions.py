@@ -52,6 +52,9 @@ class DefinitionStore:
             raise
         finally:
             del self._inflight[version_id]
+            # A raised error's traceback holds this frame: without this, frame -> future ->
+            # error -> traceback -> frame would be a cycle that outlives the run.
+            del future
 
     async def _fetch(self, version_id: str, tenant_id: str) -> Plan:
         if self.control_plane is None:

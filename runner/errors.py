@@ -23,6 +23,7 @@ locations, and every message still passes through ``runner.redact`` before it le
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Self
 
 
 class ErrorCode(StrEnum):
@@ -68,6 +69,16 @@ class RunnerError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+    def as_record(self) -> Self:
+        """This error, kept as data (an attempt's record, a step's result): without the
+        traceback and context of where it was raised. Those are never reported (the code and
+        message are), and they would tie the error to the frames that hold it, a reference
+        cycle that only the cyclic collector frees: a failed run's context, credentials
+        included, would stay in memory past the run until a collection happened to run."""
+        self.__traceback__ = None
+        self.__context__ = None
+        return self
 
 
 class PayloadError(RunnerError):

@@ -109,37 +109,40 @@ def _trie_pattern(words: Iterable[str]) -> str:
     """A regex matching any of ``words``, longest first at a position, as a prefix tree so the
     regex engine tests one branch per character instead of one per word."""
     ordered = sorted(set(words))
-
-    def emit(lo: int, hi: int, offset: int) -> str:
-        # ordered[lo:hi] share ordered[lo][:offset]; sorted, so a shorter word comes first.
-        first, last = ordered[lo], ordered[hi - 1]
-        common = offset
-        limit = min(len(first), len(last))
-        while common < limit and first[common] == last[common]:
-            common += 1
-        literal = re.escape(first[offset:common])
-        optional = len(first) == common
-        if optional:
-            lo += 1
-        if lo == hi:
-            return literal
-        branches = []
-        start = lo
-        while start < hi:
-            char = ordered[start][common]
-            end = start + 1
-            while end < hi and ordered[end][common] == char:
-                end += 1
-            branches.append(emit(start, end, common))
-            start = end
-        rest = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        if optional:
-            return f"{literal}(?:{rest})?"
-        return literal + rest
-
     if not ordered:
         return "(?!)"
-    return emit(0, len(ordered), 0)
+    return _trie_branch(ordered, 0, len(ordered), 0)
+
+
+def _trie_branch(ordered: list[str], lo: int, hi: int, offset: int) -> str:
+    """The pattern of ``ordered[lo:hi]``, which share ``ordered[lo][:offset]``; sorted, so a
+    shorter word comes first. A function of its own, not a closure that calls itself: that
+    closure would be a reference cycle holding the words (secrets, for a run's redactor) until
+    the cyclic collector happened to run."""
+    first, last = ordered[lo], ordered[hi - 1]
+    common = offset
+    limit = min(len(first), len(last))
+    while common < limit and first[common] == last[common]:
+        common += 1
+    literal = re.escape(first[offset:common])
+    optional = len(first) == common
+    if optional:
+        lo += 1
+    if lo == hi:
+        return literal
+    branches = []
+    start = lo
+    while start < hi:
+        char = ordered[start][common]
+        end = start + 1
+        while end < hi and ordered[end][common] == char:
+            end += 1
+        branches.append(_trie_branch(ordered, start, end, common))
+        start = end
+    rest = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    if optional:
+        return f"{literal}(?:{rest})?"
+    return literal + rest
 
 
 _json_encode = msgspec.json.Encoder().encode

@@ -128,7 +128,8 @@ class RunService:
                     redactor,
                 )
             return await self._run_engine(plan, ctx, reporter), redactor
-        except RunnerError as err:
+        except RunnerError as caught:
+            err = caught.as_record()
             if err.retryable and _attempts_left(job):
                 log.warning(
                     "run.retry_later", runId=data.workflow_run_id, error=redactor.text(str(err))

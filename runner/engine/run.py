@@ -262,7 +262,8 @@ class Engine:
             res.status = "DEFERRED"
             res.next_attempt, res.resume_at_ms = deferral.next_attempt, deferral.resume_at_ms
             return res
-        except RunnerError as err:
+        except RunnerError as caught:
+            err = caught.as_record()
             if not err.message.startswith(("$", f"{sp.key}:")):
                 # Say which step, so a failedReason or a run event reads on its own.
                 err.message = f"{sp.key}: {err.message}"

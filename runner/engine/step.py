@@ -235,7 +235,7 @@ async def _attempt(
             retry_after_s=parse_retry_after_s(response.headers.get("retry-after"), clock.now_ms()),
         )
     except RunnerError as caught:
-        err = caught
+        err = caught.as_record()
         if err.code == ErrorCode.TIMEOUT and cut_by_deadline:
             err = WorkflowTimeout(f"the run's deadline passed during attempt {record.number}")
         record.error = err

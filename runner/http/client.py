@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import traceback
 from collections.abc import Callable
 
 import aiohttp
@@ -164,32 +165,33 @@ class HttpTransport:
                 return HttpResponse(status=resp.status, headers=headers, body=body)
         except RunnerError:
             raise
-        except aiohttp.ClientConnectorCertificateError as err:
+        except (aiohttp.ClientError, OSError) as err:
+            _release_frames(err)
+            raise self._translated(err, host, url.port) from None
+
+    def _translated(self, err: BaseException, host: str, port: int | None) -> RunnerError:
+        if isinstance(err, aiohttp.ClientConnectorCertificateError):
             # Say what failed in words an operator acts on (the fix is a caBundle, or the
             # server's certificate), not OpenSSL's "[ssl: ...] (_ssl.c:1006)".
             cert_error = err.certificate_error
             detail = getattr(cert_error, "verify_message", None) or "certificate verify failed"
-            raise TransportError(
+            return TransportError(
                 f"TLS certificate of {host} could not be verified: {str(detail).rstrip('.')}",
                 code=ErrorCode.CONNECTION_ERROR,
-            ) from None
-        except aiohttp.ClientConnectorError as err:
-            denied = egress_error(err)
-            if denied is not None:
-                raise denied from None
+            )
+        denied = egress_error(err)
+        if denied is not None:
+            return denied
+        if isinstance(err, aiohttp.ClientConnectorError):
             reason = err.os_error.strerror if err.os_error and err.os_error.strerror else "failed"
-            raise TransportError(
-                f"could not connect to {host}:{url.port}: {reason.lower()}",
+            return TransportError(
+                f"could not connect to {host}:{port}: {reason.lower()}",
                 code=ErrorCode.CONNECTION_ERROR,
-            ) from None
-        except (aiohttp.ClientError, OSError) as err:
-            denied = egress_error(err)
-            if denied is not None:
-                raise denied from None
-            raise TransportError(
-                f"connection to {host} failed: {type(err).__name__}",
-                code=ErrorCode.CONNECTION_ERROR,
-            ) from None
+            )
+        return TransportError(
+            f"connection to {host} failed: {type(err).__name__}",
+            code=ErrorCode.CONNECTION_ERROR,
+        )
 
     async def _read_capped(self, resp: aiohttp.ClientResponse, host: str) -> bytes:
         limit = self.max_response_bytes
@@ -239,3 +241,18 @@ def _host(url: str) -> str:
         return URL(url, encoded=True).host or "?"
     except ValueError:
         return "?"
+
+
+def _release_frames(err: BaseException) -> None:
+    """Clear the frames in the tracebacks of ``err`` and the errors chained to it. aiohttp's
+    connection failures hold themselves through those frames (the happy-eyeballs attempts keep
+    their exceptions in a list that a frame holds), and the cycle keeps the request, its
+    headers (credentials included) and the failed socket alive until the cyclic collector
+    runs. Nothing reads these frames: the error is translated to a ``TransportError``."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
