@@ -248,7 +248,10 @@ def _release_frames(err: BaseException) -> None:
     connection failures hold themselves through those frames (the happy-eyeballs attempts keep
     their exceptions in a list that a frame holds), and the cycle keeps the request, its
     headers (credentials included) and the failed socket alive until the cyclic collector
-    runs. Nothing reads these frames: the error is translated to a ``TransportError``."""
+    runs. Nothing reads these frames: the error is translated to a ``TransportError``.
+
+    The frames are those the errors propagated out of, which have finished, and the one that
+    caught the last of them (this call's), which is running: ``clear_frames`` skips it."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
