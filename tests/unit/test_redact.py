@@ -337,10 +337,26 @@ def test_a_name_outside_ascii_is_still_found_in_any_case() -> None:
     assert redactor.is_clean_json(b'{"h": "author"}')
 
 
+def test_a_word_names_share_is_searched_once_and_alone_proves_nothing() -> None:
+    # The default names share "token": one search stands for access_token, id_token and
+    # refresh_token, and where "token" occurs without any of them the text is still clean.
+    redactor = Redactor([], ["x-session-token", "api-key"])
+    for text in ("max_tokens: 5", "tokenizer", "TOKEN", "x-session-tok"):
+        assert redactor.is_clean(text), text
+        assert redactor.is_clean_json(json.dumps({"k": text}).encode()), text
+    for text in ("Refresh_Token=abc", "x-session-token: abc", "id_token", "api-key: abc"):
+        assert not redactor.is_clean(text), text
+        assert not redactor.is_clean_json(json.dumps({"k": text}).encode()), text
+
+
 @pytest.mark.parametrize(
     "redactor",
-    [Redactor(), Redactor([], ["X-API-Key", "api-key", "token", "Ünïcode-Kéy"])],
-    ids=["default names", "configured names holding others"],
+    [
+        Redactor(),
+        Redactor([], ["X-API-Key", "api-key", "token", "Ünïcode-Kéy"]),
+        Redactor([], ["x-session-token", "session-token-id", "cookie-jar"]),
+    ],
+    ids=["default names", "configured names holding others", "configured names sharing words"],
 )
 def test_every_sensitive_name_fails_the_clean_check_and_is_masked(redactor: Redactor) -> None:
     # The clean checks search for fewer names than they know (a name holding another needs no
