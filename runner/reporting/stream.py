@@ -127,13 +127,14 @@ class RedisStatusSink:
                 for line in t.log_lines:
                     commands.append(_ADD_LOG.call((job_key, logs_key), (t.job_id, line, keep)))
         replies = await self.connection.execute(commands, transaction=True)
-        # The events went in with the first transaction; only script calls can miss.
-        replies = await load_missing_scripts(
-            self.connection, (_UPDATE_PROGRESS, _ADD_LOG), commands, replies, transaction=True
-        )
-        errors = [r for r in replies if isinstance(r, ReplyError)]
-        if errors:
-            log.warning("status.command_error", error=str(errors[0])[:200], count=len(errors))
+        if any(isinstance(r, ReplyError) for r in replies):
+            # The events went in with the first transaction; only script calls can miss.
+            replies = await load_missing_scripts(
+                self.connection, (_UPDATE_PROGRESS, _ADD_LOG), commands, replies, transaction=True
+            )
+            errors = [r for r in replies if isinstance(r, ReplyError)]
+            if errors:
+                log.warning("status.command_error", error=str(errors[0])[:200], count=len(errors))
         results: list[Any] = []
         read = iter(reads)
         at = next(read, -1)
