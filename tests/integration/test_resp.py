@@ -14,6 +14,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from runner.queue.keys import Keys
+from runner.reporting.stream import RedisStatusSink, Transition
 from runner.resp import RespConnection, Script, load_missing_scripts, pack
 from tests.conftest import REDIS_URL, RedisServer
 
@@ -185,5 +187,39 @@ async def test_calls_that_miss_their_script_are_sent_again_once_it_is_loaded(
             b"5",
             [1, 1],
         ]
+    finally:
+        conn.close()
+
+
+async def test_the_status_sink_still_writes_progress_and_log_lines_after_redis_lost_its_scripts(
+    private_redis: int,
+) -> None:
+    # Given a BullMQ job, and a Redis that has forgotten every script (as after a restart)
+    conn = RespConnection(f"redis://:pw@127.0.0.1:{private_redis}/0", timeout_s=5)
+    sink = RedisStatusSink(conn, stream="bull:q:status", keys=Keys("bull", "q"))
+    try:
+        await conn.execute([(b"HSET", "bull:q:j1", b"name", b"workflow_run")])
+        await conn.execute([(b"SCRIPT", b"FLUSH")])
+        # When a transition with progress and a log line is written
+        await sink.write(
+            Transition(
+                "run_1",
+                "j1",
+                event=b'{"seq":1}',
+                seq=1,
+                progress=b'{"progress":50}',
+                log_lines=("step RUNNING",),
+            )
+        )
+        # Then BullMQ's scripts were loaded and ran: everything is there, once
+        replies = await conn.execute(
+            [
+                (b"LRANGE", "bull:q:j1:logs", 0, -1),
+                (b"HGET", "bull:q:j1", b"progress"),
+                (b"XLEN", "bull:q:status"),
+                (b"HGET", "bull:q:run:run_1", b"seq"),
+            ]
+        )
+        assert replies == [[b"step RUNNING"], b'{"progress":50}', 1, b"1"]
     finally:
         conn.close()
