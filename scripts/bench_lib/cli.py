@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -78,10 +77,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "under .run/bench/), paired round by round with the current one: measures a change",
     )
     p.add_argument(
+        "--python",
+        metavar="PATH",
+        help="the interpreter the Python contenders run on (runner, aiohttp loops, py-empty; "
+        "default: the venv's); one without the runner's packages gets a venv of its own under "
+        ".run/bench/venvs/, made once",
+    )
+    p.add_argument(
         "--base-python",
         metavar="PATH",
-        help="the interpreter runner-base runs on (default: the venv's); with --baseline HEAD it "
-        "compares interpreters",
+        help="the interpreter runner-base runs on (default: that of --python); with --baseline "
+        "HEAD it compares interpreters",
     )
     p.add_argument(
         "--profile",
@@ -112,6 +118,35 @@ def _cmd(argv: list[str], cwd: Path | None = None) -> str:
         return "?"
 
 
+_VERSIONS = """
+import importlib.metadata as m, json, os, sys
+def v(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return "not installed"
+names = ("bullmq", "redis", "hiredis", "aiohttp", "uvloop", "msgspec")
+print(json.dumps({"python": sys.version.split()[0], "executable": os.path.realpath(sys.executable),
+                  **{n: v(n) for n in names}}))
+"""
+
+
+def bench_python(interpreter: str) -> str:
+    """``interpreter`` if the runner's packages import under it, else the python of a venv made
+    from it once (``.run/bench/venvs/``), with the project installed there as editable."""
+    probe = [interpreter, "-c", "import aiohttp, bullmq, hiredis, msgspec, uvloop"]
+    if subprocess.run(probe, capture_output=True).returncode == 0:
+        return interpreter
+    real = os.path.realpath(interpreter)
+    venv = REPO / ".run" / "bench" / "venvs" / real.strip("/").replace("/", "_")
+    python = venv / "bin" / "python"
+    if not python.exists():
+        say(f"bench: making a venv for {real} in {venv} (once; it installs the project)")
+        subprocess.run([interpreter, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
+    return str(python)
+
+
 def machine(client: redis.Redis, python: str) -> dict[str, str]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -126,11 +161,14 @@ def machine(client: redis.Redis, python: str) -> dict[str, str]:
         (REPO / "scripts/bench_node/node_modules/ioredis/package.json").read_text()
     )["version"]
 
+    # The versions the Python contenders run with: those of their interpreter, not the bench's.
+    try:
+        versions = json.loads(_cmd([python, "-c", _VERSIONS]))
+    except ValueError:
+        versions = {}
+
     def dist(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
+        return str(versions.get(name, "?"))
 
     commit = _cmd(["git", "rev-parse", "--short", "HEAD"], cwd=REPO)
     dirty = _cmd(["git", "status", "--porcelain", "--untracked-files=no", "runner"], cwd=REPO)
@@ -140,7 +178,7 @@ def machine(client: redis.Redis, python: str) -> dict[str, str]:
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
         "kernel": platform.release(),
-        "python": _cmd([python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "python": f"{dist('python')} ({dist('executable')})",
         "node": _cmd(["node", "--version"]),
         "redis": redisctl.server_version(client),
         "python bullmq": dist("bullmq"),
@@ -179,6 +217,8 @@ def main(argv: list[str]) -> int:
     python = (
         str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
     )
+    if args.python:
+        python = bench_python(args.python)
     log_dir = args.json.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     private = None
@@ -213,7 +253,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.baseline:
             ctx.baseline_dir = baseline_worktree(args.baseline, args.json.parent / "baseline")
-            ctx.baseline_python = args.base_python or python
+            ctx.baseline_python = bench_python(args.base_python) if args.base_python else python
         if args.profile:
             return run_profile(ctx, args)
         return run_bench(ctx, args, redis_url, private is not None)

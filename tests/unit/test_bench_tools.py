@@ -47,3 +47,17 @@ def test_the_target_is_judged_only_on_a_measurement_of_its_size() -> None:
     short = report.ratios_table(results, contenders, judged=False)
     assert "≥ 1.5x: not judged (a short run)" in short
     assert ": met" not in short
+
+
+def test_an_interpreter_with_the_runners_packages_is_used_as_it_is() -> None:
+    import json
+    import sys
+
+    from bench_lib import cli
+
+    # The test's own interpreter has them: no venv is made for it.
+    assert cli.bench_python(sys.executable) == sys.executable
+    # And the header names the interpreter the contenders run on, with their package versions.
+    versions = json.loads(cli._cmd([sys.executable, "-c", cli._VERSIONS]))
+    assert versions["python"] == sys.version.split()[0]
+    assert versions["aiohttp"] not in ("?", "not installed")
