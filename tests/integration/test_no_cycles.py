@@ -7,7 +7,8 @@ the run only"); and because runs leave none, the runner can ask that collector t
 (``runner.app.tune_collector``), which saves about 6% of its CPU.
 
 Each test runs with the collector off, then asks it what it would have had to free, and fails
-naming any runner object, frame or function among it, or an aiohttp request (it holds the headers) or an open socket.
+naming any runner object, frame or function among it, an aiohttp request (it holds the
+headers) or an open socket.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gc
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,6 +26,7 @@ import pytest
 from bullmq import Queue
 from sample_api import SampleApi
 
+import runner
 from runner.app import YOUNG_GENERATION_THRESHOLD, build, tune_collector
 from runner.contract import decode_job_data
 from runner.credentials import seal
@@ -37,6 +40,8 @@ from tests.workflows import job_data, three_step_version
 
 pytestmark = pytest.mark.integration
 
+PACKAGE = str(Path(runner.__file__).parent) + "/"
+
 
 def _describe(obj: Any) -> str | None:
     """What ``obj`` is, if it is something a run must not leave in a cycle; else None."""
@@ -44,8 +49,8 @@ def _describe(obj: Any) -> str | None:
         return None
     if type(obj).__name__ == "frame":
         code = obj.f_code
-        if "/runner/" in code.co_filename:
-            return f"frame of {code.co_name} ({code.co_filename.rsplit('/runner/', 1)[1]})"
+        if code.co_filename.startswith(PACKAGE):
+            return f"frame of {code.co_name} ({code.co_filename.removeprefix(PACKAGE)})"
         return None
     if isinstance(obj, socket.socket) and obj.fileno() != -1:
         return f"open socket {obj!r}"
