@@ -36,7 +36,7 @@ import re
 import threading
 import traceback
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, AnyStr
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
 import msgspec
@@ -105,20 +105,34 @@ def secret_variants(value: str) -> set[str]:
     return out
 
 
-def _name_probes(names: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+def _name_probes(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """What to search a text for to know whether it may hold one of ``names``: the words (of
-    5 characters or more, between ``_`` and ``-``) that two names or more share, then each name
-    that holds none of them. A text that holds no probe holds no name. Returns the probes, the
-    shared words first, and how many of those there are: a hit on a shared word still needs the
-    names themselves searched."""
+    5 characters or more, between ``_`` and ``-``) that two names or more share, and each name
+    that holds none of them. A text that holds none of these holds no name; a hit on a shared
+    word still needs the names themselves searched."""
     holders: dict[str, set[str]] = {}
     for name in names:
         for word in re.split(r"[-_]", name):
             if len(word) >= 5:
                 holders.setdefault(word, set()).add(name)
-    shared = sorted(w for w, held_by in holders.items() if len(held_by) > 1)
-    alone = sorted(n for n in names if not any(w in n for w in shared))
-    return (*shared, *alone), len(shared)
+    shared = tuple(sorted(w for w, held_by in holders.items() if len(held_by) > 1))
+    alone = tuple(sorted(n for n in names if not any(w in n for w in shared)))
+    return shared, alone
+
+
+def _holds_name(
+    lowered: AnyStr, words: tuple[AnyStr, ...], alone: tuple[AnyStr, ...], names: tuple[AnyStr, ...]
+) -> bool:
+    """Whether the lower-cased text holds one of ``names``, by the probes of ``_name_probes``: a
+    hit on one of ``words``, which several names share, is settled by searching the names
+    themselves; the names that share none are searched as they are (``alone``)."""
+    for word in words:
+        if word in lowered:
+            return any(name in lowered for name in names)
+    for name in alone:
+        if name in lowered:
+            return True
+    return False
 
 
 def _trie_pattern(words: Iterable[str]) -> str:
@@ -170,16 +184,17 @@ class Redactor:
     ``SECRETS.redactor()`` for everything in flight in the process."""
 
     __slots__ = (
+        "_alone",
+        "_alone_b",
         "_ascii_names",
         "_ascii_names_b",
-        "_ascii_probes",
-        "_ascii_probes_b",
         "_names",
         "_names_re",
         "_other_names_probe",
         "_secrets",
         "_secrets_re",
-        "_shared_probes",
+        "_shared_words",
+        "_shared_words_b",
     )
 
     def __init__(self, secrets: Iterable[str] = (), sensitive_names: Iterable[str] = ()) -> None:
@@ -202,9 +217,9 @@ class Redactor:
         # Fewer searches still: a word several names share stands for them all (``token``
         # for ``access_token``, ``id_token`` and ``refresh_token``); only where it occurs are
         # the names themselves searched.
-        probes, shared = _name_probes(self._ascii_names)
-        self._ascii_probes, self._shared_probes = probes, shared
-        self._ascii_probes_b = tuple(p.encode() for p in probes)
+        self._shared_words, self._alone = _name_probes(self._ascii_names)
+        self._shared_words_b = tuple(w.encode() for w in self._shared_words)
+        self._alone_b = tuple(n.encode() for n in self._alone)
         others = [n for n in self._names if not n.isascii()]
         self._other_names_probe = re.compile(_trie_pattern(others)) if others else None
 
@@ -316,13 +331,8 @@ class Redactor:
     def _may_name(self, lowered: str) -> bool:
         """Whether a sensitive name occurs in the lower-cased text: substring searches, which
         beat the regex probe about threefold on a typical line."""
-        for i, word in enumerate(self._ascii_probes):
-            if word in lowered:
-                if i >= self._shared_probes:
-                    return True
-                if any(name in lowered for name in self._ascii_names):
-                    return True
-                break  # every ASCII name has just been searched
+        if _holds_name(lowered, self._shared_words, self._alone, self._ascii_names):
+            return True
         probe = self._other_names_probe
         return probe is not None and probe.search(lowered) is not None
 
@@ -331,13 +341,8 @@ class Redactor:
         if self._secrets and self._secrets_re.search(raw.decode("utf-8", "replace")) is not None:
             return False
         lowered = raw.lower()
-        for i, word in enumerate(self._ascii_probes_b):
-            if word in lowered:
-                if i >= self._shared_probes:
-                    return False
-                if any(name in lowered for name in self._ascii_names_b):
-                    return False
-                break  # every ASCII name has just been searched
+        if _holds_name(lowered, self._shared_words_b, self._alone_b, self._ascii_names_b):
+            return False
         probe = self._other_names_probe
         if probe is not None and probe.search(raw.decode("utf-8", "replace").lower()):
             return False
