@@ -34,7 +34,7 @@ from runner.definitions import DefinitionStore
 from runner.errors import DefinitionError
 from runner.redact import Redactor
 from runner.settings import Settings
-from tests.conftest import REDIS_URL, b64key
+from tests.conftest import REDIS_URL, b64key, free_port
 from tests.integration.harness import Api, action, hang, reply, run_workflow, step, version
 from tests.workflows import job_data, three_step_version
 
@@ -83,12 +83,6 @@ def no_cycles_left() -> Iterator[None]:
     assert not found, "left in reference cycles:\n" + "\n".join(found)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _one_step(base: str, **action_fields: Any) -> dict[str, Any]:
     return version(
         [step("s", input={"query": {"q": "{{ input.q }}"}})],
@@ -125,7 +119,7 @@ async def test_a_run_leaves_no_cycles_whatever_the_api_answers(
 async def test_a_refused_connection_leaves_no_cycles() -> None:
     # Given nothing listening at the action's port (aiohttp's happy-eyeballs failure path keeps
     # its exceptions in a list its frames hold: a cycle holding the request and the socket)
-    base = f"http://127.0.0.1:{_closed_port()}"
+    base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with no_cycles_left():
         record = await run_workflow(_one_step(base), run_input={"q": "x"})
         assert record.error_code("s") == "CONNECTION_ERROR"
