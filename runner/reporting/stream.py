@@ -31,13 +31,14 @@ from bullmq.redis_connection import loadScript
 from runner.log import log
 from runner.queue.keys import Keys
 from runner.resp import (
-    Arg,
     Batches,
     Command,
     ReplyError,
     RespConnection,
     Script,
+    bulk,
     load_missing_scripts,
+    packed_head,
 )
 
 _UPDATE_PROGRESS = Script(loadScript("updateProgress-3.lua"))
@@ -82,6 +83,10 @@ class RedisStatusSink:
         self._batches: Batches[Transition | _StateRead] = Batches(
             self._execute, name="status", outage_s=outage_s
         )
+        # Every command a transition writes is packed here from heads packed once: this
+        # sink's XADD, and each run's HSET and script calls (``_RunHeads``).
+        self._xadd = packed_head(8, b"XADD", stream, b"MAXLEN", b"~", maxlen, b"*", b"event")
+        self._heads: dict[tuple[str, str, int], _RunHeads] = {}
 
     def write(self, *transitions: Transition) -> asyncio.Future[None]:
         """Write the transitions, in order, in one transaction: await the returned future."""
@@ -96,36 +101,30 @@ class RedisStatusSink:
     async def _execute(self, batch: list[Transition | _StateRead]) -> list[Any]:
         commands: list[Command] = []
         reads: list[int] = []
-        events_key, meta_key = self.keys.events(), self.keys.meta()
         for t in batch:
             if isinstance(t, _StateRead):
                 reads.append(len(commands))
                 commands.append((b"HGETALL", self.keys.run(t.run_id)))
                 commands.append((b"GET", self.keys.cancel(t.run_id)))
                 continue
+            heads = self._heads.get((t.run_id, t.job_id, t.keep_logs)) or self._new_heads(t)
+            # Each command is its packed head and its last arguments as bulk strings
+            # (``b"$<length>\r\n<bytes>\r\n"``), formatted in place: a call per argument
+            # would cost what packing the whole command takes.
             if t.event is not None:
-                run_key = self.keys.run(t.run_id)
-                commands.append(
-                    (b"XADD", self.stream, b"MAXLEN", b"~", self.maxlen, b"*", b"event", t.event)
-                )
-                hset: list[Arg] = [b"HSET", run_key, b"seq", t.seq or 0]
-                if t.checkpoint:
-                    for name, value in t.checkpoint.items():
-                        hset += (name, value)
-                commands.append(tuple(hset))
+                event = t.event
+                commands.append(b"%s$%d\r\n%s\r\n" % (self._xadd, len(event), event))
+                commands.append(heads.hset(t.seq or 0, t.checkpoint))
                 if t.renew:
                     # Once per delivery: a delivery lasts minutes, the retention days.
-                    commands.append((b"EXPIRE", run_key, self.retention_s))
-            job_key = self.keys.job(t.job_id)
+                    commands.append((b"EXPIRE", heads.run_key, self.retention_s))
             if t.progress is not None:
-                commands.append(
-                    _UPDATE_PROGRESS.call((job_key, events_key, meta_key), (t.job_id, t.progress))
-                )
-            if t.log_lines:
-                keep = str(t.keep_logs) if t.keep_logs else ""
-                logs_key = self.keys.job_logs(t.job_id)
-                for line in t.log_lines:
-                    commands.append(_ADD_LOG.call((job_key, logs_key), (t.job_id, line, keep)))
+                progress = t.progress
+                commands.append(b"%s$%d\r\n%s\r\n" % (heads.progress, len(progress), progress))
+            for line in t.log_lines:
+                # "replace": a lone surrogate (JSON allows one) must not fail the whole batch.
+                text = line.encode("utf-8", "replace")
+                commands.append(b"%s$%d\r\n%s\r\n%s" % (heads.log, len(text), text, heads.keep))
         replies = await self.connection.execute(commands, transaction=True)
         if any(isinstance(r, ReplyError) for r in replies):
             # The events went in with the first transaction; only script calls can miss.
@@ -145,6 +144,52 @@ class RedisStatusSink:
             else:
                 results.append(None)
         return results
+
+    def _new_heads(self, t: Transition) -> _RunHeads:
+        if len(self._heads) >= _HEADS_KEPT:
+            self._heads.clear()  # a cache: the runs still going make theirs again
+        heads = _RunHeads.make(self.keys, t.run_id, t.job_id, t.keep_logs)
+        self._heads[t.run_id, t.job_id, t.keep_logs] = heads
+        return heads
+
+
+# Enough for the runs of a busy process (each a few hundred bytes), few enough to stay small.
+_HEADS_KEPT = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class _RunHeads:
+    """What every transition of one run writes the same, packed once per run."""
+
+    run_key: str
+    hset_head: bytes  # HSET {run key} seq, without the array's count
+    progress: bytes  # updateProgress by SHA up to its last argument, the progress JSON
+    log: bytes  # addLog by SHA up to the line
+    keep: bytes  # addLog's last argument: how many lines BullMQ keeps ("": all)
+
+    @classmethod
+    def make(cls, keys: Keys, run_id: str, job_id: str, keep_logs: int) -> _RunHeads:
+        run_key, job_key = keys.run(run_id), keys.job(job_id)
+        hset = packed_head(3, b"HSET", run_key, b"seq")
+        return cls(
+            run_key=run_key,
+            hset_head=hset[hset.index(b"\r\n") + 2 :],
+            progress=packed_head(
+                8, *_UPDATE_PROGRESS.head(job_key, keys.events(), keys.meta()), job_id
+            ),
+            log=packed_head(8, *_ADD_LOG.head(job_key, keys.job_logs(job_id)), job_id),
+            keep=bulk(str(keep_logs).encode() if keep_logs else b""),
+        )
+
+    def hset(self, seq: int, checkpoint: dict[str, bytes] | None) -> bytes:
+        """``HSET`` of the event's ``seq`` and the checkpoint fields that go with it."""
+        number = b"%d" % seq
+        if not checkpoint:
+            return b"*4\r\n%s$%d\r\n%s\r\n" % (self.hset_head, len(number), number)
+        fields = [bulk(number)]
+        for name, value in checkpoint.items():
+            fields += (bulk(name.encode()), bulk(value))
+        return b"*%d\r\n%s%s" % (3 + len(fields), self.hset_head, b"".join(fields))
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,12 @@ from pathlib import Path
 
 
 def py_spy_binary(python: str) -> str | None:
-    beside = Path(python).parent / "py-spy"
-    return str(beside) if beside.exists() else shutil.which("py-spy")
+    """py-spy beside the profiled interpreter, else beside the bench's own (a ``--python``
+    venv is made without it), else on PATH. It attaches by pid, so any build will do."""
+    for bin_dir in (Path(python).parent, Path(sys.executable).parent):
+        if (bin_dir / "py-spy").exists():
+            return str(bin_dir / "py-spy")
+    return shutil.which("py-spy")
 
 
 def py_spy_hook(

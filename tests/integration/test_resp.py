@@ -13,10 +13,20 @@ import hiredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.queue.keys import Keys
 from runner.reporting.stream import RedisStatusSink, Transition
-from runner.resp import RespConnection, Script, load_missing_scripts, pack
+from runner.resp import (
+    Command,
+    RespConnection,
+    Script,
+    bulk,
+    load_missing_scripts,
+    pack,
+    packed_head,
+)
 from tests.conftest import REDIS_URL, RedisServer
 
 
@@ -49,6 +59,140 @@ def test_pack_writes_each_command_as_an_array_of_bulk_strings() -> None:
     reader.feed(packed)
     assert reader.gets() == [b"SET", b"k\r\n", b"12"]
     assert reader.gets() == [b"GET", b""]
+
+
+def test_a_packed_head_and_bulk_strings_make_the_command_hiredis_packs() -> None:
+    head = packed_head(4, b"HSET", "k é")
+    assert head + bulk(b"f") + bulk(b"v\r\n") == pack([(b"HSET", "k é", b"f", "v\r\n")])
+    # A packed command goes out as it is, beside commands given as arguments.
+    assert pack([head + bulk(b"f") + bulk(b"v"), (b"GET", b"k")]) == pack(
+        [(b"HSET", "k é", b"f", b"v"), (b"GET", b"k")]
+    )
+    with pytest.raises(ValueError, match="2 arguments cannot start with 3"):
+        packed_head(2, b"A", b"B", b"C")
+
+
+class _Recorder:
+    """A connection that keeps what it is asked to send and answers every command."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def execute(self, commands: list[Any], *, transaction: bool = False) -> list[Any]:
+        self.sent.append(pack(commands))
+        return [1] * len(commands)
+
+
+_texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+_transitions = st.builds(
+    Transition,
+    run_id=_texts.filter(bool),
+    job_id=_texts.filter(bool),
+    event=st.one_of(st.none(), st.binary(max_size=60)),
+    seq=st.one_of(st.none(), st.integers(min_value=0, max_value=2**40)),
+    checkpoint=st.one_of(st.none(), st.dictionaries(_texts, st.binary(max_size=30), max_size=3)),
+    progress=st.one_of(st.none(), st.binary(max_size=30)),
+    log_lines=st.lists(_texts, max_size=3).map(tuple),
+    keep_logs=st.integers(min_value=0, max_value=1000),
+    renew=st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_transitions, min_size=1, max_size=4))
+def test_the_status_sink_sends_the_commands_hiredis_would_pack(batch: list[Transition]) -> None:
+    # The sink packs each command from heads packed once per run; the bytes must be those of
+    # the commands written out argument by argument, as CONTRACT §6 lists them.
+    keys = Keys("bull", "q")
+    recorder = _Recorder()
+    sink = RedisStatusSink(recorder, stream="bull:q:status", keys=keys)  # type: ignore[arg-type]
+    sha_progress, sha_log = stream_scripts()
+    expected: list[Command] = []
+    for t in batch:
+        if t.event is not None:
+            expected.append(
+                (b"XADD", "bull:q:status", b"MAXLEN", b"~", 100_000, b"*", b"event", t.event)
+            )
+            fields: list[Any] = [b"seq", t.seq or 0]
+            for name, value in (t.checkpoint or {}).items():
+                fields += (name, value)
+            expected.append((b"HSET", keys.run(t.run_id), *fields))
+            if t.renew:
+                expected.append((b"EXPIRE", keys.run(t.run_id), sink.retention_s))
+        job_key = keys.job(t.job_id)
+        if t.progress is not None:
+            expected.append(
+                (
+                    b"EVALSHA",
+                    sha_progress,
+                    3,
+                    job_key,
+                    keys.events(),
+                    keys.meta(),
+                    t.job_id,
+                    t.progress,
+                )
+            )
+        for line in t.log_lines:
+            keep = str(t.keep_logs) if t.keep_logs else ""
+            expected.append(
+                (b"EVALSHA", sha_log, 2, job_key, keys.job_logs(t.job_id), t.job_id, line, keep)
+            )
+    # Twice: the second time from the heads the first made.
+    for _ in range(2):
+        asyncio.run(sink._execute(list(batch)))
+        assert recorder.sent.pop() == pack(expected)
+
+
+def stream_scripts() -> tuple[str, str]:
+    from runner.reporting import stream
+
+    return stream._UPDATE_PROGRESS.sha, stream._ADD_LOG.sha
+
+
+async def test_a_transition_lands_whole_with_multibyte_ids_and_a_lone_surrogate(key: str) -> None:
+    # Given a BullMQ job whose id and run id are not ASCII
+    conn = RespConnection(REDIS_URL, timeout_s=5)
+    keys = Keys(key, "q ü")
+    sink = RedisStatusSink(conn, stream=f"{key}:status", keys=keys)
+    job_id, run_id = "j-ü-1", "run-日本"
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.hset(keys.job(job_id), "name", "workflow_run")
+        # When a transition with a checkpoint, progress and log lines is written, one line
+        # holding a lone surrogate (JSON's "\udc80" decodes to one)
+        await sink.write(
+            Transition(
+                run_id,
+                job_id,
+                event='{"seq":7,"note":"é"}'.encode(),
+                seq=7,
+                checkpoint={"step:ß": b'{"status":"SUCCESS"}'},
+                progress=b'{"progress":50}',
+                log_lines=("ß SUCCESS", "bad \udc80 line"),
+                keep_logs=10,
+                renew=True,
+            )
+        )
+        # Then every part is where BullMQ and the contract put it, the surrogate replaced
+        events = await client.xrange(f"{key}:status")
+        assert [fields[b"event"] for _, fields in events] == ['{"seq":7,"note":"é"}'.encode()]
+        assert await client.hgetall(keys.run(run_id)) == {
+            b"seq": b"7",
+            "step:ß".encode(): b'{"status":"SUCCESS"}',
+        }
+        assert 0 < await client.ttl(keys.run(run_id)) <= sink.retention_s
+        assert await client.hget(keys.job(job_id), "progress") == b'{"progress":50}'
+        assert await client.lrange(keys.job_logs(job_id), 0, -1) == [
+            "ß SUCCESS".encode(),
+            b"bad ? line",
+        ]
+    finally:
+        await client.delete(
+            f"{key}:status", keys.run(run_id), keys.job(job_id), keys.job_logs(job_id)
+        )
+        await client.aclose()
+        conn.close()
 
 
 async def test_replies_come_back_in_order_with_errors_in_their_place(key: str) -> None:
