@@ -36,7 +36,7 @@ import re
 import threading
 import traceback
 from collections.abc import Iterable, Mapping
-from typing import Any, AnyStr
+from typing import Any
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
 import msgspec
@@ -121,7 +121,7 @@ def _name_probes(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ..
 
 
 def _holds_name(
-    lowered: AnyStr, words: tuple[AnyStr, ...], alone: tuple[AnyStr, ...], names: tuple[AnyStr, ...]
+    lowered: str, words: tuple[str, ...], alone: tuple[str, ...], names: tuple[str, ...]
 ) -> bool:
     """Whether the lower-cased text holds one of ``names``, by the probes of ``_name_probes``: a
     hit on one of ``words``, which several names share, is settled by searching the names
@@ -185,16 +185,13 @@ class Redactor:
 
     __slots__ = (
         "_alone",
-        "_alone_b",
         "_ascii_names",
-        "_ascii_names_b",
         "_names",
         "_names_re",
         "_other_names_probe",
         "_secrets",
         "_secrets_re",
         "_shared_words",
-        "_shared_words_b",
     )
 
     def __init__(self, secrets: Iterable[str] = (), sensitive_names: Iterable[str] = ()) -> None:
@@ -206,20 +203,17 @@ class Redactor:
         self._names_re = self._compile_names(self._names)
         # re.IGNORECASE defeats the regex engine's literal-prefix scan (8x slower on a typical
         # line), so plain substring searches over the lower-cased text decide whether to run
-        # it; names outside ASCII, which bytes.lower() does not fold, are probed by a regex.
+        # it; names outside ASCII are probed by a regex.
         # A name that holds another (``set-cookie``, ``cookie``) needs no search of its own: it
         # is found only where the shorter one is.
         ascii_names = [n for n in self._names if n.isascii()]
         self._ascii_names = tuple(
             sorted(n for n in ascii_names if not any(o != n and o in n for o in ascii_names))
         )
-        self._ascii_names_b = tuple(n.encode() for n in self._ascii_names)
         # Fewer searches still: a word several names share stands for them all (``token``
         # for ``access_token``, ``id_token`` and ``refresh_token``); only where it occurs are
         # the names themselves searched.
         self._shared_words, self._alone = _name_probes(self._ascii_names)
-        self._shared_words_b = tuple(w.encode() for w in self._shared_words)
-        self._alone_b = tuple(n.encode() for n in self._alone)
         others = [n for n in self._names if not n.isascii()]
         self._other_names_probe = re.compile(_trie_pattern(others)) if others else None
 
@@ -337,16 +331,10 @@ class Redactor:
         return probe is not None and probe.search(lowered) is not None
 
     def is_clean_json(self, raw: bytes) -> bool:
-        """``is_clean`` for encoded JSON (UTF-8), without decoding it when no secret is set."""
-        if self._secrets and self._secrets_re.search(raw.decode("utf-8", "replace")) is not None:
-            return False
-        lowered = raw.lower()
-        if _holds_name(lowered, self._shared_words_b, self._alone_b, self._ascii_names_b):
-            return False
-        probe = self._other_names_probe
-        if probe is not None and probe.search(raw.decode("utf-8", "replace").lower()):
-            return False
-        return not (b"@" in raw and b"://" in raw)
+        """``is_clean`` for encoded JSON (UTF-8). Decoded first: searching the text is a
+        quarter faster than searching the bytes (1.3 against 1.7 µs for a step's status
+        event), and ``str.lower`` folds what ``bytes.lower`` leaves, as the masking does."""
+        return self.is_clean(raw.decode("utf-8", "replace"))
 
     def scrubbed(self, obj: Any) -> Any:
         """``value(obj)``, but ``obj`` itself when nothing in it needs masking: one encode and
@@ -464,6 +452,7 @@ class LayeredRedactor:
     def json(self, obj: Any) -> bytes:
         shared = self.registry.redactor()
         raw = _json_encode(obj)
-        if self.own.is_clean_json(raw) and shared.is_clean_json(raw):
+        text = raw.decode("utf-8", "replace")
+        if self.own.is_clean(text) and shared.is_clean(text):
             return raw
         return _json_encode(shared.value(self.own.value(_json_decode(raw))))
