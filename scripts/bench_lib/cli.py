@@ -414,6 +414,9 @@ def render(
         line = report.command_breakdown(results, c, "w3")
         if line:
             notes.append("Redis commands per run, " + line)
+    line = report.cores_busy(results, [c.name for c in contenders], "w3")
+    if line:
+        notes.append("Cores kept busy (runs/s × CPU per run), " + line)
     for c in ("runner", "node-fetch", "node-http"):
         line = report.redis_bytes(results, c, "w3")
         if line:

@@ -214,3 +214,23 @@ def syscalls(results: list[dict[str, Any]], contender: str, workload: str) -> st
     if pair is None:
         return ""
     return f"{contender} {workload.upper()}: {pair[0]:.1f} reads, {pair[1]:.1f} writes"
+
+
+def cores_busy(results: list[dict[str, Any]], contenders: list[str], workload: str) -> str:
+    """How much of the machine each contender kept busy (runs/s times CPU per run), median over
+    rounds: a one-thread Python process tops out at 1.0, a Node worker's helper threads (its
+    garbage collector, its compiler) take it past that. With the CPU per run, this is what a
+    runs/s ratio is made of."""
+    parts = []
+    for contender in contenders:
+        busy = [
+            float(r["runs_per_s"]) * float(r["cpu_ms_per_run"]) / 1000
+            for r in results
+            if r.get("contender") == contender
+            and r.get("workload") == workload
+            and r.get("runs_per_s") is not None
+            and r.get("cpu_ms_per_run") is not None
+        ]
+        if busy:
+            parts.append(f"{contender} {statistics.median(busy):.2f}")
+    return f"{workload.upper()}: " + ", ".join(parts) if parts else ""

@@ -49,6 +49,21 @@ def test_the_target_is_judged_only_on_a_measurement_of_its_size() -> None:
     assert ": met" not in short
 
 
+def test_the_cores_each_contender_kept_busy_are_runs_per_s_times_cpu_per_run() -> None:
+    from bench_lib import report
+
+    results = [
+        {**_round("1", "runner", 900), "cpu_ms_per_run": 1.05},
+        {**_round("2", "runner", 1000), "cpu_ms_per_run": 0.99},
+        {**_round("3", "runner", 500), "cpu_ms_per_run": 1.9},
+        {**_round("1", "node-fetch", 700), "cpu_ms_per_run": 1.8},
+        {**_round("1", "node-http", 1000)},
+    ]
+    line = report.cores_busy(results, ["runner", "node-fetch", "node-http", "aiohttp-raw"], "w3")
+    assert line == "W3: runner 0.95, node-fetch 1.26, node-http 1.00"
+    assert report.cores_busy(results, ["runner"], "w1") == ""
+
+
 def test_an_interpreter_with_the_runners_packages_is_used_as_it_is() -> None:
     import json
     import sys
