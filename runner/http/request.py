@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,8 +34,10 @@ def path_params(endpoint_template: str) -> list[str]:
     return _PLACEHOLDER.findall(endpoint_template)
 
 
+@functools.lru_cache(maxsize=4096)
 def base_url_for(endpoint_template: str, base_url: str | None, where: str) -> str:
-    """Checked once per definition: the URL prefix a step's endpoint hangs from."""
+    """The URL prefix a step's endpoint hangs from, checked once per Action and connection
+    (remembered; a refusal is raised again each time)."""
     scheme = urlsplit(endpoint_template).scheme
     absolute = bool(scheme)
     if base_url is None:
@@ -72,13 +75,22 @@ def encode_segment(name: str, value: Any) -> str:
 
 
 def fill_endpoint(endpoint_template: str, path: Mapping[str, Any]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        name = m.group(1)
+    parts = _endpoint_parts(endpoint_template)
+    if len(parts) == 1:
+        return endpoint_template
+    filled = list(parts)
+    for i in range(1, len(parts), 2):
+        name = parts[i]
         if name not in path:
             raise TemplateError(f"path parameter '{name}' of '{endpoint_template}' has no value")
-        return encode_segment(name, path[name])
+        filled[i] = encode_segment(name, path[name])
+    return "".join(filled)
 
-    return _PLACEHOLDER.sub(sub, endpoint_template)
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint_parts(endpoint_template: str) -> tuple[str, ...]:
+    """The template split once: text, a placeholder's name, text, ..., text."""
+    return tuple(_PLACEHOLDER.split(endpoint_template))
 
 
 def query_pairs(query: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

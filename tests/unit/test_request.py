@@ -104,6 +104,11 @@ def test_given_a_template_with_placeholders_when_filled_then_each_value_is_encod
     assert path_params("/customers/{customerId}/orders/{orderId}") == ["customerId", "orderId"]
 
 
+def test_placeholders_side_by_side_repeated_or_at_the_ends_are_each_filled() -> None:
+    assert fill_endpoint("{a}{b}/x/{a}", {"a": "1/2", "b": "é"}) == "1%2F2%C3%A9/x/1%2F2"
+    assert fill_endpoint("/plain/{ not a name }", {}) == "/plain/{ not a name }"
+
+
 def test_given_a_missing_path_param_when_filled_then_template_error_names_it() -> None:
     with pytest.raises(TemplateError) as info:
         fill_endpoint("/c/{id}/o/{oid}", {"id": "x"})
@@ -144,6 +149,9 @@ def test_given_no_connection_when_the_endpoint_is_relative_then_it_is_refused() 
 
 def test_given_a_connection_when_the_endpoint_is_absolute_then_it_is_refused() -> None:
     with pytest.raises(DefinitionError) as info:
+        base_url_for("https://other.test/x", "https://api.test", "$.actions.a")
+    # Every time: what is remembered is a base URL, never a refusal.
+    with pytest.raises(DefinitionError):
         base_url_for("https://other.test/x", "https://api.test", "$.actions.a")
 
     assert info.value.message == (
