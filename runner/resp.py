@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import hiredis
 from redis.asyncio.connection import parse_url
 
+from runner.deadline import deadline
 from runner.log import log
 
 Arg = bytes | str | int
@@ -148,7 +149,7 @@ class RespConnection:
         they run inside ``MULTI``/``EXEC``. Raises ``OSError`` (``ConnectionError``,
         ``TimeoutError``) when the connection fails; the connection is then closed."""
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with deadline(self.timeout_s):
                 if self._writer is None:
                     await self._connect()
                 if not transaction:

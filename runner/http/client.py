@@ -15,7 +15,6 @@ secret cannot ride along.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 import traceback
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import aiohttp
 from yarl import URL
 
 from runner.contract import Connection
+from runner.deadline import deadline
 from runner.errors import ErrorCode, RunnerError, TransportError
 from runner.http.auth import build_auth, send_with_auth
 from runner.http.egress import EgressPolicy, GuardedResolver, egress_error
@@ -49,7 +49,7 @@ def make_session(
         headers={"User-Agent": user_agent},
         auto_decompress=True,
         raise_for_status=False,
-        # Timeouts are per attempt (asyncio.timeout below); the session sets none of its own.
+        # Timeouts are per attempt (``deadline`` below); the session sets none of its own.
         timeout=aiohttp.ClientTimeout(total=None),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
@@ -95,7 +95,7 @@ class HttpTransport:
         if auth is not None and auth.static:
             request, auth = auth.prepare(request), None
         try:
-            async with asyncio.timeout(timeout_s):
+            async with deadline(timeout_s):
                 if auth is None and not self.follow_redirects:
                     # The common case, sent straight: no flow to drive, no redirect to follow.
                     return await self._send_once(request, ssl_context)
