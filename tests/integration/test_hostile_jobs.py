@@ -122,6 +122,32 @@ async def test_job_data_over_the_size_limit_is_refused_and_the_next_job_runs(
     assert [hit.path for hit in api.hits] == ["/items/2/detail"]
 
 
+async def test_job_data_only_json_loads_takes_is_still_read_as_bullmq_reads_it(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given a runner, and jobs whose data msgspec refuses to parse but Python's json module
+    # takes: Node's JSON.stringify writes a lone surrogate as "\udc80"
+    api = Api(reply(200, {"ok": True}))
+    base = await serve(api.app())
+    await runner_process()
+    definition = one_step("wfv_parse", base, {"path": {"id": "{{ input.id }}"}})
+    surrogate = job("run_surrogate", definition, {"id": "1", "note": "\udc80"})
+    plain = job("run_plain", definition, {"id": "2", "note": "ü \u2028 \ud83d\ude00"})
+
+    # When Node sends both
+    jobs = await send_and_settle(redis, clean_queue, [surrogate, plain])
+
+    # Then the first is refused as bad payload, as when bullmq parsed every job, not retried
+    assert jobs["run_surrogate"]["state"] == "failed", jobs["run_surrogate"]
+    assert jobs["run_surrogate"]["failedReason"] == (
+        "INVALID_PAYLOAD: $: job data is not valid JSON text (unpaired surrogate?)"
+    )
+    assert jobs["run_surrogate"]["attemptsMade"] == 1
+    # and the other runs with its data as sent, and only it reached the API
+    assert jobs["run_plain"]["state"] == "completed", jobs["run_plain"]
+    assert [hit.path for hit in api.hits] == ["/items/2/detail"]
+
+
 # Each reaches past the run's context; the message names where it is and what is wrong.
 ESCAPES = [
     (
