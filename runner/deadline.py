@@ -84,7 +84,6 @@ def _fire(ref: weakref.ref[_Schedule]) -> None:
 
 
 class _PerThread(threading.local):
-    loop: asyncio.AbstractEventLoop | None = None
     schedule: _Schedule | None = None
 
 
@@ -95,18 +94,16 @@ def deadline(delay_s: float) -> Deadline:
     """``async with deadline(delay_s):`` bounds the block as ``asyncio.timeout`` does."""
     loop = asyncio.get_running_loop()
     schedule = _current.schedule
-    if _current.loop is not loop or schedule is None:
+    if schedule is None or schedule._loop is not loop:
         schedule = _current.schedule = _Schedule(loop)
-        _current.loop = loop
-    return Deadline(schedule, loop, loop.time() + delay_s)
+    return Deadline(schedule, loop.time() + delay_s)
 
 
 class Deadline:
-    __slots__ = ("_cancelling", "_entry", "_expired", "_loop", "_schedule", "_task", "_when")
+    __slots__ = ("_cancelling", "_entry", "_expired", "_schedule", "_task", "_when")
 
-    def __init__(self, schedule: _Schedule, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def __init__(self, schedule: _Schedule, when: float) -> None:
         self._schedule = schedule
-        self._loop = loop
         self._when = when
         self._expired = False
         self._task: asyncio.Task[object] | None = None
@@ -114,7 +111,7 @@ class Deadline:
         self._cancelling = 0
 
     async def __aenter__(self) -> Deadline:
-        task = asyncio.current_task(self._loop)
+        task = asyncio.current_task(self._schedule._loop)
         if task is None:
             raise RuntimeError("a deadline must be used inside a task")
         self._task = task

@@ -170,10 +170,9 @@ class _RunHeads:
     @classmethod
     def make(cls, keys: Keys, run_id: str, job_id: str, keep_logs: int) -> _RunHeads:
         run_key, job_key = keys.run(run_id), keys.job(job_id)
-        hset = packed_head(3, b"HSET", run_key, b"seq")
         return cls(
             run_key=run_key,
-            hset_head=hset[hset.index(b"\r\n") + 2 :],
+            hset_head=bulk(b"HSET") + bulk(run_key.encode()) + bulk(b"seq"),
             progress=packed_head(
                 8, *_UPDATE_PROGRESS.head(job_key, keys.events(), keys.meta()), job_id
             ),
