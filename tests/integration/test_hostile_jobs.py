@@ -122,11 +122,12 @@ async def test_job_data_over_the_size_limit_is_refused_and_the_next_job_runs(
     assert [hit.path for hit in api.hits] == ["/items/2/detail"]
 
 
-async def test_job_data_only_json_loads_takes_is_still_read_as_bullmq_reads_it(
+async def test_job_data_with_a_lone_surrogate_is_refused_and_the_next_job_runs(
     serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
 ) -> None:
-    # Given a runner, and jobs whose data msgspec refuses to parse but Python's json module
-    # takes: Node's JSON.stringify writes a lone surrogate as "\udc80"
+    # Given a runner, and a job whose data holds a lone surrogate (Node's JSON.stringify
+    # writes one as "\udc80", which Python's json module decodes), then a job holding
+    # characters that are valid however unusual
     api = Api(reply(200, {"ok": True}))
     base = await serve(api.app())
     await runner_process()
@@ -137,7 +138,7 @@ async def test_job_data_only_json_loads_takes_is_still_read_as_bullmq_reads_it(
     # When Node sends both
     jobs = await send_and_settle(redis, clean_queue, [surrogate, plain])
 
-    # Then the first is refused as bad payload, as when bullmq parsed every job, not retried
+    # Then the first is refused as bad payload, not retried
     assert jobs["run_surrogate"]["state"] == "failed", jobs["run_surrogate"]
     assert jobs["run_surrogate"]["failedReason"] == (
         "INVALID_PAYLOAD: $: job data is not valid JSON text (unpaired surrogate?)"
