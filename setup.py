@@ -1,0 +1,25 @@
+"""The package is described in pyproject.toml; this file only adds the compiled build.
+
+With ``RUNNER_COMPILE=1`` the modules listed under ``[tool.runner.compiled]`` in pyproject.toml
+are compiled to C extensions by mypyc, beside their sources (an extension is imported before a
+``.py`` of the same name). That is the runner's image build (``docker/Dockerfile``) and what
+``scripts/compile`` builds for the tests and the bench; it needs mypy and a C compiler, and a
+build without build isolation (``pip wheel --no-build-isolation``) so that mypy is found.
+Without it, as in the editable dev install, nothing is compiled. Why and what for:
+docs/performance.md, "The compiled build".
+"""
+
+import os
+import tomllib
+
+from setuptools import setup
+
+ext_modules = []
+if os.environ.get("RUNNER_COMPILE") == "1":
+    from mypyc.build import mypycify
+
+    with open("pyproject.toml", "rb") as f:
+        modules = tomllib.load(f)["tool"]["runner"]["compiled"]["modules"]
+    ext_modules = mypycify(modules, opt_level="3", group_name="runner")
+
+setup(ext_modules=ext_modules)
