@@ -90,6 +90,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "HEAD it compares interpreters",
     )
     p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="run the runner contenders on the build the image ships (scripts/compile: the hot "
+        "modules compiled by mypyc, for the interpreter of --python; about a minute to build); "
+        "runner-base stays pure Python, so --baseline HEAD --compiled measures the compilation",
+    )
+    p.add_argument(
         "--profile",
         choices=("py-spy", "cprofile"),
         help="profile the runner on W3 instead of measuring",
@@ -145,6 +152,13 @@ def bench_python(interpreter: str) -> str:
         subprocess.run([interpreter, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
     return str(python)
+
+
+def build_of(tree: Path) -> str:
+    compiled = sorted(tree.glob("runner/**/*.so"))
+    if not compiled:
+        return "pure Python"
+    return f"compiled (mypyc: {len(compiled)} modules, scripts/compile)"
 
 
 def machine(client: redis.Redis, python: str) -> dict[str, str]:
@@ -251,6 +265,8 @@ def main(argv: list[str]) -> int:
         concurrency=args.concurrency,
     )
     try:
+        if args.compiled:
+            ctx.compiled_dir = compiled_tree(python, args.json.parent / "compiled")
         if args.baseline:
             ctx.baseline_dir = baseline_worktree(args.baseline, args.json.parent / "baseline")
             ctx.baseline_python = bench_python(args.base_python) if args.base_python else python
@@ -284,6 +300,13 @@ def baseline_worktree(rev: str, path: Path) -> Path:
     return path
 
 
+def compiled_tree(python: str, path: Path) -> Path:
+    """The working tree with the runner built as the image ships it, for ``python``."""
+    say(f"bench: building the compiled runner in {path} (scripts/compile)")
+    subprocess.run([str(REPO / "scripts" / "compile"), str(path), python], check=True)
+    return path
+
+
 def _selected(args: argparse.Namespace) -> list[Contender]:
     contenders = all_contenders(args.processes, baseline=args.baseline)
     if args.only:
@@ -301,6 +324,7 @@ def _selected(args: argparse.Namespace) -> list[Contender]:
 def run_bench(ctx: Ctx, args: argparse.Namespace, redis_url: str, private: bool) -> int:
     contenders = _selected(args)
     info = machine(ctx.client, ctx.python)
+    info["runner build"] = build_of(ctx.runner_dir)
     info["redis used"] = "private redis-server started by the bench" if private else redis_url
     info["auth"] = "API_KEY (sealedCredentials)" if args.auth == "api-key" else "NONE"
     runs_of = {"w3": args.runs_w3, "w1": args.runs_w1, "empty": args.runs_empty}

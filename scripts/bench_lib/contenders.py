@@ -47,9 +47,16 @@ class Ctx:
     key_b64: str = ""
     concurrency: int = 50
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The tree the runner contenders run from: the repository, or with --compiled the one
+    # scripts/compile built.
+    compiled_dir: Path | None = None
     # The checkout the runner-base contender runs from (--baseline).
     baseline_dir: Path | None = None
     baseline_python: str = ""
+
+    @property
+    def runner_dir(self) -> Path:
+        return self.compiled_dir or self.repo
 
     @property
     def node_dir(self) -> Path:
@@ -103,7 +110,7 @@ def launch(
     procs = []
     for i in range(contender.processes):
         env = _base_env()
-        cwd = ctx.repo
+        cwd = ctx.runner_dir if contender.name.startswith("runner") else ctx.repo
         if contender.name == "runner-base":
             assert ctx.baseline_dir is not None
             cwd = ctx.baseline_dir  # python -m runner imports the package from its cwd

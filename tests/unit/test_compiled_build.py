@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from runner.app import build_kind
+
 ROOT = Path(__file__).resolve().parents[2]
 EXPECT_COMPILED = os.environ.get("RUNNER_EXPECT_COMPILED") == "1"
 
@@ -62,3 +64,8 @@ def test_each_pass_imports_the_build_it_tests(path: str) -> None:
     else:
         # The source tree is never compiled in place: a stale extension would shadow an edit.
         assert origin.endswith(".py"), f"{path} imported from {origin}; remove the extension"
+
+
+def test_the_runner_says_which_build_it_runs() -> None:
+    # Logged in runner.started.
+    assert build_kind() == ("compiled" if EXPECT_COMPILED else "pure")
