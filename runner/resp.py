@@ -20,7 +20,7 @@ import hashlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -78,12 +78,22 @@ class Script:
         return (b"EVALSHA", self.sha, len(keys), *keys)
 
 
+class Executor(Protocol):
+    """What a batch needs of a connection: ``RespConnection``, or a stand-in (the bench's
+    in-process loops, tests). A protocol and not the class, because compiled code (setup.py)
+    checks at run time that an argument is the class its annotation names."""
+
+    async def execute(self, commands: list[Command], *, transaction: bool = False) -> list[Any]:
+        """As ``RespConnection.execute``."""
+        ...
+
+
 def is_noscript(reply: Any) -> bool:
     return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 async def load_missing_scripts(
-    connection: RespConnection,
+    connection: Executor,
     scripts: Sequence[Script],
     commands: list[Command],
     replies: list[Any],

@@ -33,8 +33,8 @@ from runner.queue.keys import Keys
 from runner.resp import (
     Batches,
     Command,
+    Executor,
     ReplyError,
-    RespConnection,
     Script,
     bulk,
     load_missing_scripts,
@@ -67,7 +67,7 @@ class RedisStatusSink:
 
     def __init__(
         self,
-        connection: RespConnection,
+        connection: Executor,
         *,
         stream: str,
         keys: Keys,

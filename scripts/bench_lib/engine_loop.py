@@ -142,7 +142,7 @@ async def main(
     clock = SystemClock()
     engine = Engine(api or InstantApi(), clock)
     sink = RedisStatusSink(
-        InstantConnection(),  # type: ignore[arg-type]
+        InstantConnection(),
         stream="bull:bench:status",
         keys=Keys("bull", "bench"),
     )

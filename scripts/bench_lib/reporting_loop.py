@@ -86,7 +86,7 @@ async def one_run(i: int, sink: RedisStatusSink, redactor: Redactor, clock: Syst
 async def main(runs: int, connection: InstantConnection | None = None) -> float:
     redactor = Redactor()
     sink = RedisStatusSink(
-        connection or InstantConnection(),  # type: ignore[arg-type]
+        connection or InstantConnection(),
         stream="bull:bench:status",
         keys=Keys("bull", "bench"),
     )

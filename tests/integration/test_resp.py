@@ -105,7 +105,7 @@ def test_the_status_sink_sends_the_commands_hiredis_would_pack(batch: list[Trans
     # the commands written out argument by argument, as CONTRACT §6 lists them.
     keys = Keys("bull", "q")
     recorder = _Recorder()
-    sink = RedisStatusSink(recorder, stream="bull:q:status", keys=keys)  # type: ignore[arg-type]
+    sink = RedisStatusSink(recorder, stream="bull:q:status", keys=keys)
     sha_progress, sha_log = stream_scripts()
     expected: list[Command] = []
     for t in batch:
