@@ -3,9 +3,10 @@
 With ``RUNNER_COMPILE=1`` the modules listed under ``[tool.runner.compiled]`` in pyproject.toml
 are compiled to C extensions by mypyc, beside their sources (an extension is imported before a
 ``.py`` of the same name). That is the runner's image build (``docker/Dockerfile``) and what
-``scripts/compile`` builds for the tests and the bench. It needs a C compiler; mypy is a
-pinned build requirement (pyproject.toml). Without it, as in the editable dev install, nothing
-is compiled. Why and what for: docs/performance.md, "The compiled build".
+``scripts/compile`` builds for the tests and the bench. It needs a C compiler, and the
+runtime dependencies installed for the interpreter that builds, because mypyc type-checks the
+modules against them; mypy itself is a pinned build requirement (pyproject.toml). Without
+``RUNNER_COMPILE=1``, as in the editable dev install, nothing is compiled. Why and what for: docs/performance.md, "The compiled build".
 """
 
 import os
