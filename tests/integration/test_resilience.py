@@ -196,7 +196,14 @@ async def test_sigterm_hands_the_run_back_and_another_runner_finishes_it(
     assert any(e.get("event") == "run.handed_back" for e in first.log_events())
     assert (target.count("/one"), target.count("/two"), target.count("/three")) == (1, 2, 1)
     assert {c["key"] for c in target.calls if c["path"] == "/two"} == {f"{run_id}:two"}
-    assert target.closed_after_s, "the interrupted request should have been closed"
+
+    async def closed() -> bool:
+        return bool(target.closed_after_s)
+
+    # The hand-back cancels the request (about 20 ms after the grace period here, before the
+    # process exits), but the run may complete elsewhere before this server's next look at
+    # the connection.
+    await wait_for(closed, 5, "the interrupted request to be closed")
     events = await run_events(redis, clean_queue, run_id)
     assert not [e for e in events if e["status"] == "CANCELED"], "a hand-back is not a cancel"
     seqs = [e["seq"] for e in events]
