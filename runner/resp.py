@@ -298,11 +298,14 @@ class Batches(Generic[Item]):
         while True:
             try:
                 results = await self.execute(batch)
-                self.sent += 1
-                return results
             except OSError as err:
                 if time.monotonic() > deadline:
                     raise
                 log.warning(f"{self.name}.retry", items=len(batch), error=type(err).__name__)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+            else:
+                self.sent += 1
+                return results
+            # Waits outside the handler: compiled code must not await inside one (it would
+            # leave the error as the thread's handled exception while other tasks run).
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
