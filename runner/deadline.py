@@ -23,7 +23,6 @@ import asyncio
 import heapq
 import math
 import threading
-import weakref
 from types import TracebackType
 from typing import Any
 
@@ -33,13 +32,10 @@ _RESOLUTION_S = 0.001
 class _Schedule:
     """The deadlines of one event loop and the timer that expires them."""
 
-    __slots__ = ("__weakref__", "_heap", "_loop", "_ref", "_seq", "_timer", "_timer_at")
+    __slots__ = ("_heap", "_loop", "_seq", "_timer", "_timer_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        # The timer holds the schedule weakly: through a bound method, schedule and timer
-        # would hold each other, a cycle left to the cyclic collector.
-        self._ref = weakref.ref(self)
         # [when, seq, block]: block is None once the block has exited. seq keeps two equal
         # deadlines from comparing their blocks.
         self._heap: list[list[Any]] = []
@@ -62,7 +58,10 @@ class _Schedule:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self._loop.call_at(when, _fire, self._ref)
+        # The timer finds the schedule through the thread's slot rather than holding it: through
+        # a bound method, schedule and timer would hold each other, a cycle left to the cyclic
+        # collector (and compiled classes take no weak references).
+        self._timer = self._loop.call_at(when, _fire, self._loop)
 
     def fire(self) -> None:
         """Expire the blocks whose deadline has come, and arm the timer for the next one."""
@@ -77,24 +76,28 @@ class _Schedule:
             self._arm(heap[0][0])
 
 
-def _fire(ref: weakref.ref[_Schedule]) -> None:
-    schedule = ref()
+# The schedule of the loop running in this thread, as the attribute ``schedule``. A plain
+# ``threading.local``: compiled by mypyc, a subclass of it would be a native class, whose
+# attributes ``threading.local`` cannot hold (it crashes).
+_current = threading.local()
+
+
+def _schedule_of(loop: asyncio.AbstractEventLoop) -> _Schedule | None:
+    schedule: _Schedule | None = getattr(_current, "schedule", None)
+    return schedule if schedule is not None and schedule._loop is loop else None
+
+
+def _fire(loop: asyncio.AbstractEventLoop) -> None:
+    schedule = _schedule_of(loop)
     if schedule is not None:
         schedule.fire()
-
-
-class _PerThread(threading.local):
-    schedule: _Schedule | None = None
-
-
-_current = _PerThread()
 
 
 def deadline(delay_s: float) -> Deadline:
     """``async with deadline(delay_s):`` bounds the block as ``asyncio.timeout`` does."""
     loop = asyncio.get_running_loop()
-    schedule = _current.schedule
-    if schedule is None or schedule._loop is not loop:
+    schedule = _schedule_of(loop)
+    if schedule is None:
         schedule = _current.schedule = _Schedule(loop)
     return Deadline(schedule, loop.time() + delay_s)
 

@@ -111,34 +111,40 @@ class Engine:
         walk = asyncio.ensure_future(self._walk(state))
         cancel = ctx.cancel() if ctx.cancel else None
         hand_back = ctx.hand_back() if ctx.hand_back else None
+        waiters: set[asyncio.Future[Any]] = {walk}
+        if cancel is not None:
+            waiters.add(cancel)
+        if hand_back is not None:
+            waiters.add(hand_back)
+        timeout_s = max(0.0, (ctx.deadline_ms - self.clock.now_ms()) / 1000)
+        # No await inside a handler here or in the walk: compiled (docs/performance.md), a
+        # coroutine that suspends while handling an error leaves it set for the other tasks.
+        interrupted: BaseException | None = None
         try:
-            waiters: set[asyncio.Future[Any]] = {walk}
-            if cancel is not None:
-                waiters.add(cancel)
-            if hand_back is not None:
-                waiters.add(hand_back)
-            timeout_s = max(0.0, (ctx.deadline_ms - self.clock.now_ms()) / 1000)
             done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when="FIRST_COMPLETED")
-            if walk not in done:
-                if cancel is not None and cancel in done:
-                    state.stop = Canceled(cancel.result() or "canceled")
-                elif hand_back is not None and hand_back in done:
-                    state.stop = HandBack(hand_back.result() or "handed back")
-                else:
-                    state.stop = WorkflowTimeout("the run passed its deadline")
-                walk.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await walk
-            elif walk.exception() is not None:
-                raise walk.exception()  # type: ignore[misc]
-        finally:
+        except BaseException as err:  # this task was cancelled: the walk goes with it
+            interrupted, done = err, set()
+        failure = walk.exception() if walk in done else None
+        if walk not in done:
+            if interrupted is not None:
+                pass
+            elif cancel is not None and cancel in done:
+                state.stop = Canceled(cancel.result() or "canceled")
+            elif hand_back is not None and hand_back in done:
+                state.stop = HandBack(hand_back.result() or "handed back")
+            else:
+                state.stop = WorkflowTimeout("the run passed its deadline")
             if not walk.done():
                 walk.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await walk
-            for future in (cancel, hand_back):
-                if future is not None and not future.done():
-                    future.cancel()
+                await _settled(walk)
+        for future in (cancel, hand_back):
+            if future is not None and not future.done():
+                future.cancel()
+        if interrupted is not None or failure is not None:
+            try:
+                raise interrupted or failure  # type: ignore[misc]
+            finally:
+                interrupted = failure = None  # a frame holding its own error: a cycle
         status: RunStatus
         error: RunnerError | None
         if state.handing_back:
@@ -157,46 +163,60 @@ class Engine:
     async def _walk(self, state: _State) -> None:
         pending = [sp for sp in state.plan.steps if sp.key not in state.results]
         running: dict[asyncio.Task[StepResult], StepPlan] = {}
+        stopped: BaseException | None = None
         try:
-            while pending or running:
-                ready: list[StepPlan] = []
-                if state.failure is None and not state.deferred:
-                    ready = [
-                        sp for sp in pending if all(dep in state.results for dep in sp.depends_on)
-                    ]
-                if len(ready) == 1 and not running:
-                    # One step and nothing beside it, as every step of a linear run: it runs
-                    # in this task, without a task of its own to start and wait for.
-                    sp = ready[0]
-                    pending.remove(sp)
-                    self._settle(state, sp, await self._step(state, sp))
-                    walk = asyncio.current_task()
-                    if state.stop is not None or (walk is not None and walk.cancelling()):
-                        # The walk was cancelled while the step ran; the step ended on it.
-                        raise asyncio.CancelledError
-                    continue
-                for sp in ready:
-                    if len(running) >= self.step_parallelism:
-                        break
-                    pending.remove(sp)
-                    running[asyncio.ensure_future(self._step(state, sp))] = sp
-                if not running:
+            await self._walk_steps(state, pending, running)
+        except BaseException as err:
+            stopped = err
+        # Reached on success, on a FAIL_RUN failure, and when the run is cancelled or times out
+        # (the CancelledError passes on after the bookkeeping). After the handler, not inside
+        # it: compiled code must not await while handling an error (docs/performance.md).
+        if running:
+            await self._cancel_running(state, running)
+        for sp in pending:
+            if sp.key not in state.results and not state.handing_back:
+                res = StepResult(sp.key, "CANCELED")
+                state.results[sp.key] = res
+                await state.reporter.step_done(res, 0)
+        if stopped is not None:
+            try:
+                raise stopped
+            finally:
+                stopped = None  # a frame holding its own error would be a reference cycle
+
+    async def _walk_steps(
+        self,
+        state: _State,
+        pending: list[StepPlan],
+        running: dict[asyncio.Task[StepResult], StepPlan],
+    ) -> None:
+        while pending or running:
+            ready: list[StepPlan] = []
+            if state.failure is None and not state.deferred:
+                ready = [sp for sp in pending if all(dep in state.results for dep in sp.depends_on)]
+            if len(ready) == 1 and not running:
+                # One step and nothing beside it, as every step of a linear run: it runs
+                # in this task, without a task of its own to start and wait for.
+                sp = ready[0]
+                pending.remove(sp)
+                self._settle(state, sp, await self._step(state, sp))
+                walk = asyncio.current_task()
+                if state.stop is not None or (walk is not None and walk.cancelling()):
+                    # The walk was cancelled while the step ran; the step ended on it.
+                    raise asyncio.CancelledError
+                continue
+            for sp in ready:
+                if len(running) >= self.step_parallelism:
                     break
-                done, _ = await asyncio.wait(running, return_when="FIRST_COMPLETED")
-                for task in done:
-                    sp = running.pop(task)
-                    if self._settle(state, sp, task.result()):
-                        await self._cancel_running(state, running)
-        finally:
-            # Reached on success, on a FAIL_RUN failure, and when the run is cancelled or
-            # times out (the CancelledError passes through after the bookkeeping).
-            if running:
-                await self._cancel_running(state, running)
-            for sp in pending:
-                if sp.key not in state.results and not state.handing_back:
-                    res = StepResult(sp.key, "CANCELED")
-                    state.results[sp.key] = res
-                    await state.reporter.step_done(res, 0)
+                pending.remove(sp)
+                running[asyncio.ensure_future(self._step(state, sp))] = sp
+            if not running:
+                break
+            done, _ = await asyncio.wait(running, return_when="FIRST_COMPLETED")
+            for task in done:
+                sp = running.pop(task)
+                if self._settle(state, sp, task.result()):
+                    await self._cancel_running(state, running)
 
     async def _cancel_running(
         self, state: _State, running: dict[asyncio.Task[StepResult], StepPlan]
@@ -238,6 +258,7 @@ class Engine:
     async def _step_in_span(self, state: _State, sp: StepPlan, span: StepSpan) -> StepResult:
         ctx, reporter = state.ctx, state.reporter
         res = StepResult(sp.key, "FAILED", started_ms=self.clock.now_ms())
+        failed_unsent = False
         try:
             if not should_run(sp, state.scope):
                 res.status = "SKIPPED"
@@ -268,12 +289,7 @@ class Engine:
                 # Say which step, so a failedReason or a run event reads on its own.
                 err.message = f"{sp.key}: {err.message}"
             res.status, res.error = "FAILED", err
-            if res.attempts == 0:
-                # Failed before any request (template, definition): still one RUNNING event,
-                # so that every started step has one before its terminal state.
-                res.attempts = 1
-                await reporter.step_running(sp.key, 1, res.started_ms or self.clock.now_ms())
-                res.attempts = 0
+            failed_unsent = res.attempts == 0
         except asyncio.CancelledError:
             stop = state.stop
             if isinstance(stop, HandBack):
@@ -286,9 +302,22 @@ class Engine:
                 res.status, res.error = "FAILED", stop
             else:
                 res.status, res.error = "CANCELED", stop if isinstance(stop, Canceled) else None
+        # After the handlers, not in them: compiled code must not await while handling an error.
+        if failed_unsent:
+            # Failed before any request (template, definition): still one RUNNING event, so
+            # that every started step has one before its terminal state.
+            res.attempts = 1
+            await reporter.step_running(sp.key, 1, res.started_ms or self.clock.now_ms())
+            res.attempts = 0
         res.finished_ms = self.clock.now_ms()
         await reporter.step_done(res, max(res.attempts, 1) if res.started_ms else 0)
         return res
+
+
+async def _settled(task: asyncio.Future[Any]) -> None:
+    """Wait for a task that was cancelled to end, its ``CancelledError`` swallowed."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _scope_entry(res: StepResult) -> dict[str, Any]:

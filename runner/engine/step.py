@@ -40,6 +40,7 @@ from runner.telemetry import NOOP_STEP_SPAN, AttemptSpan, StepSpan
 from runner.templating import render, truthy
 
 _decode_json = msgspec.json.Decoder().decode
+_NOT_JSON = object()  # a body that did not decode
 _UNSAFE_METHODS = frozenset({"POST", "PATCH"})
 
 
@@ -88,7 +89,9 @@ def prepare_request(
     except TemplateError as err:
         if err.message.startswith("$"):
             raise
-        raise TemplateError(f"{sp.where}.input: {err.message}") from None
+        message = f"{sp.where}.input: {err.message}"
+    # Raised outside the handler, so it carries no context (compiled code ignores `from None`).
+    raise TemplateError(message)
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -117,11 +120,13 @@ def response_output(
         try:
             body = _decode_json(response.body)
         except msgspec.DecodeError:
+            body = _NOT_JSON
+        if body is _NOT_JSON:  # raised outside the handler: no context (the decoder's) shown
             raise StepHTTPError(
                 f"{sp.key}: the response says Content-Type {content_type.split(';')[0]} "
                 "but its body is not valid JSON",
                 status=response.status,
-            ) from None
+            )
     else:
         body = response.body.decode("utf-8", errors="replace")
     if schemas is not None:
@@ -236,30 +241,32 @@ async def _attempt(
         )
     except RunnerError as caught:
         err = caught.as_record()
-        if err.code == ErrorCode.TIMEOUT and cut_by_deadline:
-            err = WorkflowTimeout(f"the run's deadline passed during attempt {record.number}")
-        record.error = err
-        record.duration_ms = clock.now_ms() - started_ms
-        if err.code == ErrorCode.WORKFLOW_TIMEOUT:
-            trace.error(str(err.code), None)
-            await reporter.attempt_done(record)
-            raise err from None
-        decision = decide(
-            sp.policy,
-            record.number,
-            err,
-            now_ms=clock.now_ms(),
-            deadline_ms=ctx.deadline_ms,
-            random=clock.random,
-        )
-        record.decision = decision
-        trace.error(str(err.code), decision.delay_ms if decision.retry else None)
+    # What follows runs outside the handler, so what it raises carries no context (compiled code
+    # ignores `from None`): the error is reported by its code and message only.
+    if err.code == ErrorCode.TIMEOUT and cut_by_deadline:
+        err = WorkflowTimeout(f"the run's deadline passed during attempt {record.number}")
+    record.error = err
+    record.duration_ms = clock.now_ms() - started_ms
+    if err.code == ErrorCode.WORKFLOW_TIMEOUT:
+        trace.error(str(err.code), None)
         await reporter.attempt_done(record)
-        if decision.retry:
-            return decision
-        if decision.reason == "deadline":
-            raise WorkflowTimeout(decision.message) from None
-        raise err from None
+        raise err
+    decision = decide(
+        sp.policy,
+        record.number,
+        err,
+        now_ms=clock.now_ms(),
+        deadline_ms=ctx.deadline_ms,
+        random=clock.random,
+    )
+    record.decision = decision
+    trace.error(str(err.code), decision.delay_ms if decision.retry else None)
+    await reporter.attempt_done(record)
+    if decision.retry:
+        return decision
+    if decision.reason == "deadline":
+        raise WorkflowTimeout(decision.message)
+    raise err
 
 
 def _may_have_reached(err: RunnerError) -> bool:
