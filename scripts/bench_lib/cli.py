@@ -4,6 +4,7 @@
     scripts/bench --quick         a short version, under a minute
     scripts/bench --only runner,node-fetch --workloads w3
     scripts/bench --profile py-spy   where the runner spends CPU on W3 (no table)
+    scripts/bench --profile callgrind --runs-w3 500   instructions per W3 run (a count, not a time)
 
 Results go to stdout as Markdown, and as JSON to ``.run/bench/latest.json``; each contender's
 output is in ``.run/bench/logs/``.
@@ -98,8 +99,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--profile",
-        choices=("py-spy", "cprofile"),
-        help="profile the runner on W3 instead of measuring",
+        choices=("py-spy", "cprofile", "callgrind"),
+        help="profile the runner on W3 instead of measuring (callgrind: instructions per run, "
+        "about 50 times slower, so use --runs-w3 500)",
     )
     p.add_argument("--json", type=Path, default=REPO / ".run" / "bench" / "latest.json")
     a = p.parse_args(argv)
@@ -481,6 +483,21 @@ def run_profile(ctx: Ctx, args: argparse.Namespace) -> int:
             ctx, runner, workload, runs, "prof", on_window=profiling.py_spy_hook(binary, path)
         )
         table = profiling.collapsed_top(path)
+    elif args.profile == "callgrind":
+        out = out_dir / f"profile-{workload}.callgrind"
+        for old in out_dir.glob(out.name + "*"):
+            old.unlink()
+        r = measure.throughput(
+            ctx,
+            runner,
+            workload,
+            runs,
+            "prof",
+            profile=[*profiling.callgrind_prefix(out), ctx.python],
+            on_window=profiling.callgrind_hook(out),
+        )
+        path = profiling.callgrind_window(out)
+        table = profiling.callgrind_top(path, runs)
     else:
         path = out_dir / f"profile-{workload}.pstats"
         path.unlink(missing_ok=True)

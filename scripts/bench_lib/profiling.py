@@ -1,12 +1,16 @@
 """Where the runner spends CPU on a workload: py-spy (sampling, attached to the running
-process for the throughput window only) or cProfile (deterministic, whole process life).
+process for the throughput window only), cProfile (deterministic, whole process life), or
+callgrind (instructions executed in the throughput window: a count that does not move with the
+machine's speed, so two builds or commits compare to the percent).
 
-Both print the top functions by own time and by cumulative time.
+py-spy and cProfile print the top functions by own time and by cumulative time; callgrind the
+instructions per run and the C functions (the interpreter's, the extensions') they went to.
 """
 
 from __future__ import annotations
 
 import pstats
+import re
 import shutil
 import signal
 import subprocess
@@ -58,6 +62,83 @@ def py_spy_hook(
         return stop
 
     return start
+
+
+def callgrind_prefix(out: Path) -> list[str]:
+    """What the runner's command is run under: callgrind, counting nothing until the window."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("bench: valgrind is not installed (Debian: apt-get install valgrind)")
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+
+
+def callgrind_hook(out: Path) -> Callable[[list[int]], Callable[[], None]]:
+    """Counts from the window's opening to its close, then dumps the counts to ``out``."""
+
+    def control(pid: int, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+    def start(pids: list[int]) -> Callable[[], None]:
+        pid = pids[0]  # valgrind runs the interpreter in its own process: one pid
+        control(pid, "--instr=on")
+
+        def stop() -> None:
+            control(pid, "--dump=window")
+            control(pid, "--instr=off")
+
+        return stop
+
+    return start
+
+
+def callgrind_window(out: Path) -> Path:
+    """The dump the window's close wrote (callgrind numbers its dumps: ``out.1``)."""
+    dumps = sorted(out.parent.glob(out.name + ".*"))
+    if not dumps:
+        raise SystemExit(f"bench: callgrind wrote no dump beside {out}")
+    return dumps[0]
+
+
+def annotate(dump: Path) -> tuple[int, Counter[str]]:
+    """callgrind_annotate's reading of a dump: the instructions in all, and per C function."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", str(dump)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return parse_annotate(text)
+
+
+def parse_annotate(text: str) -> tuple[int, Counter[str]]:
+    total = 0
+    functions: Counter[str] = Counter()
+    for line in text.splitlines():
+        row = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(\S.*)", line)
+        if row is None:
+            continue
+        n = int(row.group(1).replace(",", ""))
+        if "PROGRAM TOTALS" in row.group(2):
+            total = n
+        else:
+            # "/path/to/file.c:function [/path/to/object.so]" -> "file.c:function [object.so]"
+            name = re.sub(r"\[\S*/", "[", re.sub(r"^\S*/", "", row.group(2)))
+            functions[name] += n
+    return total, functions
+
+
+def callgrind_top(dump: Path, runs: int, top: int = 25) -> str:
+    total, functions = annotate(dump)
+    rows = [
+        f"{total / runs:,.0f} instructions per run in the window ({total:,} for {runs:,} runs)",
+        "",
+        "| C function | instructions per run | share |",
+        "|---|---|---|",
+    ]
+    rows += [
+        f"| `{name[:100]}` | {n / runs:,.0f} | {100 * n / max(total, 1):.1f}% |"
+        for name, n in functions.most_common(top)
+    ]
+    return "\n".join(rows)
 
 
 # Frames every sample under the main loop shares: they say nothing about where CPU goes.

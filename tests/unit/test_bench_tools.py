@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from bench_lib import reporting_loop
+from bench_lib.profiling import parse_annotate
 
 
 def test_the_reporting_loop_reports_each_run_as_w3_does() -> None:
@@ -76,3 +77,26 @@ def test_an_interpreter_with_the_runners_packages_is_used_as_it_is() -> None:
     versions = json.loads(cli._cmd([sys.executable, "-c", cli._VERSIONS]))
     assert versions["python"] == sys.version.split()[0]
     assert versions["aiohttp"] not in ("?", "not installed")
+
+
+def test_callgrind_annotate_is_read_as_a_total_and_instructions_per_c_function() -> None:
+    text = """--------------------------------------------------------------------------------
+Ir
+--------------------------------------------------------------------------------
+1,751,194,250 (100.0%)  PROGRAM TOTALS
+
+--------------------------------------------------------------------------------
+Ir                    file:function
+--------------------------------------------------------------------------------
+432,154,500 (24.68%)  /tmp/build/Python-3.11.7/Python/ceval.c:_PyEval_EvalFrameDefault'2 [/usr/lib/libpython3.11.so.1.0]
+ 18,713,766 ( 1.07%)  /tmp/build/Objects/bytes_methods.c:_Py_bytes_lower [/usr/lib/libpython3.11.so.1.0]
+ 17,606,500 ( 1.01%)  ???:json_encode_str [/venv/site-packages/msgspec/_core.cpython-311-x86_64-linux-gnu.so]
+"""
+    total, functions = parse_annotate(text)
+
+    assert total == 1_751_194_250
+    assert functions == {
+        "ceval.c:_PyEval_EvalFrameDefault'2 [libpython3.11.so.1.0]": 432_154_500,
+        "bytes_methods.c:_Py_bytes_lower [libpython3.11.so.1.0]": 18_713_766,
+        "???:json_encode_str [_core.cpython-311-x86_64-linux-gnu.so]": 17_606_500,
+    }
