@@ -278,6 +278,11 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
+# Node's JSON.stringify writes a lone surrogate as its escape ("\udc80"), which no UTF-8 text
+# can hold: the data was valid JavaScript, and is not valid JSON text.
+JOB_DATA_NOT_TEXT = "$: job data is not valid JSON text (unpaired surrogate?)"
+
+
 def decode_job_data(raw: Any) -> JobData:
     """From JSON text, or from the object BullMQ already parsed."""
     try:
@@ -287,6 +292,8 @@ def decode_job_data(raw: Any) -> JobData:
     except msgspec.ValidationError as err:
         raise PayloadError(_located(path_of(err), raw, JobData)) from None
     except msgspec.DecodeError as err:
+        if "surrogate" in str(err):
+            raise PayloadError(JOB_DATA_NOT_TEXT) from None
         raise PayloadError(f"$: not valid JSON ({err})") from None
     except UnicodeEncodeError:
         # A str holding a lone surrogate: msgspec must encode text to UTF-8 before parsing.

@@ -23,7 +23,7 @@ import msgspec
 import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
-from runner.contract import JOB_NAME, Connection, JobData, decode_job_data
+from runner.contract import JOB_DATA_NOT_TEXT, JOB_NAME, Connection, JobData, decode_job_data
 from runner.credentials import CredentialSource, connections_for_run, secrets_for_run
 from runner.definitions import DefinitionStore
 from runner.engine.plan import Plan
@@ -177,17 +177,18 @@ class RunService:
         try:
             if job.name != JOB_NAME:
                 raise PayloadError(f"$: job name '{job.name}' is not '{JOB_NAME}'")
+            # JSON text as Redis holds it (FetchNextWorker), or what bullmq parsed (a job
+            # scheduler's iteration): measured and decoded as UTF-8 JSON either way.
+            data = job.data
             try:
-                size = len(_encode(job.data))
+                raw = data.encode("utf-8") if isinstance(data, str) else _encode(data)
             except (UnicodeEncodeError, TypeError):
+                raise PayloadError(JOB_DATA_NOT_TEXT) from None
+            if len(raw) > self.max_job_bytes:
                 raise PayloadError(
-                    "$: job data is not valid JSON text (unpaired surrogate?)"
-                ) from None
-            if size > self.max_job_bytes:
-                raise PayloadError(
-                    f"$: job data is {size} bytes, over the {self.max_job_bytes}-byte limit"
+                    f"$: job data is {len(raw)} bytes, over the {self.max_job_bytes}-byte limit"
                 )
-            return decode_job_data(job.data)
+            return decode_job_data(raw)
         except PayloadError as err:
             log.warning("job.invalid", jobId=job.id, error=str(err))
             raise UnrecoverableError(str(err)) from None

@@ -91,6 +91,28 @@ class FetchNextWorker(Worker):  # type: ignore[misc]
                     self.stalledCheckTimer.stop()
             await self.lockManager.close()
 
+    async def nextJobFromJobData(
+        self,
+        job_data: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        limit_until: int = 0,
+        delay_until: int = 0,
+        token: str | None = None,
+    ) -> Any:
+        """The stock job, with its data left the JSON text Redis holds: the runner decodes it
+        straight into its own types (``RunService.decode``), where bullmq's ``json.loads``, the
+        size check's encoding and a conversion took three times as long (22 against 8 µs for
+        a W3 job); and data that is not JSON fails its job as ``INVALID_PAYLOAD`` instead of
+        failing the fetch. A job scheduler's iteration keeps bullmq's parsed data, which it
+        sends back to its scheduler."""
+        text = None
+        if job_data and not job_data.get("rjk") and isinstance(job_data.get("data"), str):
+            text, job_data["data"] = job_data["data"], "{}"
+        job = await super().nextJobFromJobData(job_data, job_id, limit_until, delay_until, token)
+        if job is not None and text is not None:
+            job.data = text
+        return job
+
     async def getNextJob(self, token: str) -> Any:
         if self.closing or self.paused:
             return None

@@ -71,26 +71,32 @@ async def send_and_settle(
     and the peer would then wait its full timeout for an event it will never see.
     """
     await node_peer("add", {"queue": queue, "jobs": jobs})
-    ids = [j["opts"]["jobId"] for j in jobs]
-    settled: dict[str, dict[str, Any]] = {}
+    return await settled(redis, queue, [j["opts"]["jobId"] for j in jobs], timeout_s)
+
+
+async def settled(
+    redis: aioredis.Redis, queue: str, ids: list[str], timeout_s: float = 20
+) -> dict[str, dict[str, Any]]:
+    """Wait until BullMQ has settled each job of ``ids``; what each holds then."""
+    done: dict[str, dict[str, Any]] = {}
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while len(settled) < len(ids):
-        assert asyncio.get_running_loop().time() < deadline, f"unsettled: {set(ids) - set(settled)}"
+    while len(done) < len(ids):
+        assert asyncio.get_running_loop().time() < deadline, f"unsettled: {set(ids) - set(done)}"
         for job_id in ids:
-            if job_id in settled:
+            if job_id in done:
                 continue
             for state in ("completed", "failed"):
                 if await redis.zscore(f"bull:{queue}:{state}", job_id) is not None:
                     raw = await redis.hgetall(f"bull:{queue}:{job_id}")
                     fields = {k.decode(): v.decode() for k, v in raw.items()}
-                    settled[job_id] = {
+                    done[job_id] = {
                         "state": state,
                         "failedReason": fields.get("failedReason"),
                         "returnvalue": json.loads(fields.get("returnvalue") or "null"),
                         "attemptsMade": int(fields.get("atm") or fields.get("attemptsMade") or 0),
                     }
         await asyncio.sleep(0.05)
-    return settled
+    return done
 
 
 async def test_job_data_over_the_size_limit_is_refused_and_the_next_job_runs(
@@ -146,6 +152,41 @@ async def test_job_data_with_a_lone_surrogate_is_refused_and_the_next_job_runs(
     assert jobs["run_surrogate"]["attemptsMade"] == 1
     # and the other runs with its data as sent, and only it reached the API
     assert jobs["run_plain"]["state"] == "completed", jobs["run_plain"]
+    assert [hit.path for hit in api.hits] == ["/items/2/detail"]
+
+
+async def test_job_data_that_is_not_json_fails_its_job_and_the_next_job_runs(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given two jobs added while no runner is up, the first's data then cut short in Redis
+    # (as a producer other than BullMQ, or a bad migration, could leave it)
+    api = Api(reply(200, {"ok": True}))
+    base = await serve(api.app())
+    definition = one_step("wfv_cut", base, {"path": {"id": "{{ input.id }}"}})
+    await node_peer(
+        "add",
+        {
+            "queue": clean_queue,
+            "jobs": [
+                job("run_cut", definition, {"id": "1"}),
+                job("run_whole", definition, {"id": "2"}),
+            ],
+        },
+    )
+    await redis.hset(f"bull:{clean_queue}:run_cut", "data", '{"workflowRunId": "run_cut", "inp')
+
+    # When a runner starts
+    await runner_process()
+    jobs = await settled(redis, clean_queue, ["run_cut", "run_whole"])
+
+    # Then the cut job fails as bad payload, saying where the JSON broke, and is not retried
+    assert jobs["run_cut"]["state"] == "failed", jobs["run_cut"]
+    assert jobs["run_cut"]["failedReason"].startswith("INVALID_PAYLOAD: $: not valid JSON ("), jobs[
+        "run_cut"
+    ]
+    assert jobs["run_cut"]["attemptsMade"] == 1
+    # and the other runs, and only it reached the API
+    assert jobs["run_whole"]["state"] == "completed", jobs["run_whole"]
     assert [hit.path for hit in api.hits] == ["/items/2/detail"]
 
 
