@@ -97,22 +97,22 @@ async def load_missing_scripts(
     scripts: Sequence[Script],
     commands: list[Command],
     replies: list[Any],
-    *,
-    transaction: bool = False,
 ) -> list[Any]:
     """Where a call's reply is NOSCRIPT (Redis lost its script cache, after a restart: nothing
     of that call ran), load the scripts and send those calls again; the replies with the
-    second answers in their places."""
+    second answers in their places. The loads and the calls go in one ``MULTI``/``EXEC``, so
+    no flush of the cache can come between them (the calls of a batch that was not a
+    transaction still succeed or fail one by one: Redis does not roll a transaction back)."""
     missed = [i for i, reply in enumerate(replies) if is_noscript(reply)]
     if not missed:
         return replies
-    loaded = await connection.execute([(b"SCRIPT", b"LOAD", s.text) for s in scripts])
-    for reply in loaded:
+    loads: list[Command] = [(b"SCRIPT", b"LOAD", s.text) for s in scripts]
+    again = await connection.execute([*loads, *(commands[i] for i in missed)], transaction=True)
+    for reply in again[: len(loads)]:
         if isinstance(reply, ReplyError):
             raise ConnectionError(f"Redis refused a script: {reply}")
-    again = await connection.execute([commands[i] for i in missed], transaction=transaction)
     replies = list(replies)
-    for i, reply in zip(missed, again, strict=True):
+    for i, reply in zip(missed, again[len(loads) :], strict=True):
         replies[i] = reply
     return replies
 

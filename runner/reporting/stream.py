@@ -134,7 +134,7 @@ class RedisStatusSink:
         if any(isinstance(r, ReplyError) for r in replies):
             # The events went in with the first transaction; only script calls can miss.
             replies = await load_missing_scripts(
-                self.connection, (_UPDATE_PROGRESS, _ADD_LOG), commands, replies, transaction=True
+                self.connection, (_UPDATE_PROGRESS, _ADD_LOG), commands, replies
             )
             errors = [r for r in replies if isinstance(r, ReplyError)]
             if errors:

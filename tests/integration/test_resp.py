@@ -324,9 +324,28 @@ async def test_calls_that_miss_their_script_are_sent_again_once_it_is_loaded(
         replies = await conn.execute(commands, transaction=True)
         assert [str(r).split()[0] for r in (replies[0], replies[2])] == ["NOSCRIPT", "NOSCRIPT"]
 
-        replies = await load_missing_scripts(conn, (echo, add), commands, replies, transaction=True)
+        sent: list[tuple[list[Command], bool]] = []
+
+        class Recording:
+            async def execute(self, cmds: list[Command], *, transaction: bool = False) -> list[Any]:
+                sent.append((cmds, transaction))
+                return await conn.execute(cmds, transaction=transaction)
+
+        replies = await load_missing_scripts(Recording(), (echo, add), commands, replies)
 
         assert replies == [b"a", b"OK", 5]
+        # The loads and the calls went in one transaction: no flush could come between them.
+        assert sent == [
+            (
+                [
+                    (b"SCRIPT", b"LOAD", echo.text),
+                    (b"SCRIPT", b"LOAD", add.text),
+                    commands[0],
+                    commands[2],
+                ],
+                True,
+            )
+        ]
         assert await conn.execute([(b"GET", "n"), (b"SCRIPT", b"EXISTS", echo.sha, add.sha)]) == [
             b"5",
             [1, 1],
