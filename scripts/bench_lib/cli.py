@@ -94,7 +94,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--compiled",
         action="store_true",
         help="run the runner contenders on the build the image ships (scripts/compile: the hot "
-        "modules compiled by mypyc, for the interpreter of --python; about a minute to build); "
+        "modules compiled by mypyc, for the interpreter of --python; two or three minutes to build); "
         "runner-base stays pure Python, so --baseline HEAD --compiled measures the compilation",
     )
     p.add_argument(
@@ -473,26 +473,23 @@ def run_profile(ctx: Ctx, args: argparse.Namespace) -> int:
     out_dir = args.json.parent
     workload = (args.workloads or ["w3"])[0] if args.workloads != ["w3", "w1", "empty"] else "w3"
     runs = args.runs_w3 if workload == "w3" else args.runs_w1
+
+    def measured(**how: Any) -> dict[str, Any]:
+        return measure.throughput(ctx, runner, workload, runs, "prof", **how)
+
     if args.profile == "py-spy":
         binary = profiling.py_spy_binary(ctx.python)
         if binary is None:
             raise SystemExit("bench: py-spy is not installed (pip install py-spy)")
         path = out_dir / f"profile-{workload}.collapsed"
         path.unlink(missing_ok=True)
-        r = measure.throughput(
-            ctx, runner, workload, runs, "prof", on_window=profiling.py_spy_hook(binary, path)
-        )
+        r = measured(on_window=profiling.py_spy_hook(binary, path))
         table = profiling.collapsed_top(path)
     elif args.profile == "callgrind":
         out = out_dir / f"profile-{workload}.callgrind"
         for old in out_dir.glob(out.name + "*"):
             old.unlink()
-        r = measure.throughput(
-            ctx,
-            runner,
-            workload,
-            runs,
-            "prof",
+        r = measured(
             profile=[*profiling.callgrind_prefix(out), ctx.python],
             on_window=profiling.callgrind_hook(out),
         )
@@ -501,14 +498,7 @@ def run_profile(ctx: Ctx, args: argparse.Namespace) -> int:
     else:
         path = out_dir / f"profile-{workload}.pstats"
         path.unlink(missing_ok=True)
-        r = measure.throughput(
-            ctx,
-            runner,
-            workload,
-            runs,
-            "prof",
-            profile=[ctx.python, "-m", "cProfile", "-o", str(path)],
-        )
+        r = measured(profile=[ctx.python, "-m", "cProfile", "-o", str(path)])
         table = profiling.cprofile_top(path)
     print(
         f"## Profile of the runner on {workload.upper()} ({args.profile}), {runs} runs: "
