@@ -74,7 +74,7 @@ class Script:
         return (*self.head(*keys), *args)
 
     def head(self, *keys: Arg) -> tuple[Arg, ...]:
-        """A call's arguments up to the script's own (for ``packed_head``)."""
+        """A call's arguments up to the script's own."""
         return (b"EVALSHA", self.sha, len(keys), *keys)
 
 

@@ -126,14 +126,8 @@ class Engine:
             interrupted, done = err, set()
         failure = walk.exception() if walk in done else None
         if walk not in done:
-            if interrupted is not None:
-                pass
-            elif cancel is not None and cancel in done:
-                state.stop = Canceled(cancel.result() or "canceled")
-            elif hand_back is not None and hand_back in done:
-                state.stop = HandBack(hand_back.result() or "handed back")
-            else:
-                state.stop = WorkflowTimeout("the run passed its deadline")
+            if interrupted is None:
+                state.stop = _why_stopped(done, cancel, hand_back)
             if not walk.done():
                 walk.cancel()
                 await _settled(walk)
@@ -312,6 +306,19 @@ class Engine:
         res.finished_ms = self.clock.now_ms()
         await reporter.step_done(res, max(res.attempts, 1) if res.started_ms else 0)
         return res
+
+
+def _why_stopped(
+    done: set[asyncio.Future[Any]],
+    cancel: asyncio.Future[str] | None,
+    hand_back: asyncio.Future[str] | None,
+) -> RunnerError:
+    """Why the walk is stopped before it ended: a cancel, a hand-back, or the deadline."""
+    if cancel is not None and cancel in done:
+        return Canceled(cancel.result() or "canceled")
+    if hand_back is not None and hand_back in done:
+        return HandBack(hand_back.result() or "handed back")
+    return WorkflowTimeout("the run passed its deadline")
 
 
 async def _settled(task: asyncio.Future[Any]) -> None:
