@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any
 
 from runner.engine.plan import Plan, StepPlan
@@ -44,13 +43,27 @@ from runner.errors import Canceled, RunnerError, WorkflowTimeout
 from runner.telemetry import StepSpan
 
 
-@dataclass(slots=True)
 class RunOutcome:
-    status: RunStatus
-    error: RunnerError | None
-    steps: dict[str, StepResult]
-    # DEFERRED: the steps to continue, each with its next attempt and when it may start.
-    deferred: dict[str, StepResult] = field(default_factory=dict)
+    """How a run ended. A plain class, as ``_State`` is: compiled, a dataclass keeps the
+    ``__init__`` that ``dataclasses`` generates in Python."""
+
+    __slots__ = ("deferred", "error", "status", "steps")
+
+    def __init__(
+        self,
+        status: RunStatus,
+        error: RunnerError | None,
+        steps: dict[str, StepResult],
+        # DEFERRED: the steps to continue, each with its next attempt and when it may start.
+        deferred: dict[str, StepResult] | None = None,
+    ) -> None:
+        self.status = status
+        self.error = error
+        self.steps = steps
+        self.deferred: dict[str, StepResult] = deferred if deferred is not None else {}
+
+    def __repr__(self) -> str:
+        return f"RunOutcome({self.status!r}, {self.error!r}, steps={list(self.steps)!r})"
 
     @property
     def resume_at_ms(self) -> int:
@@ -61,16 +74,27 @@ class HandBack(RunnerError):
     """Why a run stopped without ending: the process gives it back to the queue."""
 
 
-@dataclass(slots=True)
 class _State:
-    plan: Plan
-    ctx: RunContext
-    reporter: Reporter
-    results: dict[str, StepResult]
-    scope: dict[str, Any]
-    stop: RunnerError | None = None
-    failure: RunnerError | None = None
-    deferred: dict[str, StepResult] = field(default_factory=dict)
+    """One walk's state."""
+
+    __slots__ = ("ctx", "deferred", "failure", "plan", "reporter", "results", "scope", "stop")
+
+    def __init__(
+        self,
+        plan: Plan,
+        ctx: RunContext,
+        reporter: Reporter,
+        results: dict[str, StepResult],
+        scope: dict[str, Any],
+    ) -> None:
+        self.plan = plan
+        self.ctx = ctx
+        self.reporter = reporter
+        self.results = results
+        self.scope = scope
+        self.stop: RunnerError | None = None
+        self.failure: RunnerError | None = None
+        self.deferred: dict[str, StepResult] = {}
 
     @property
     def handing_back(self) -> bool:

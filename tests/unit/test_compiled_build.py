@@ -8,6 +8,7 @@ and that each pass of the suite tests the build it says it does.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import os
 import tomllib
@@ -137,3 +138,22 @@ def test_each_pass_imports_the_build_it_tests(path: str) -> None:
 def test_the_runner_says_which_build_it_runs() -> None:
     # Logged in runner.started.
     assert build_kind() == ("compiled" if EXPECT_COMPILED else "pure")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "runner.reporting.stream.Transition",
+        "runner.reporting.stream._RunHeads",
+        "runner.reporting.stream._StateRead",
+        "runner.engine.run.RunOutcome",
+        "runner.engine.run._State",
+    ],
+)
+def test_what_a_run_makes_on_the_hot_path_is_a_plain_class(name: str) -> None:
+    # Compiled, a dataclass keeps the ``__init__`` that ``dataclasses`` generates in Python
+    # (4.4k instructions a call against a few hundred); these are made per transition or run.
+    module, _, attr = name.rpartition(".")
+    cls = getattr(importlib.import_module(module), attr)
+    assert not dataclasses.is_dataclass(cls), f"{name} is a dataclass"
+    assert "__init__" in vars(cls), f"{name} has no __init__ of its own"
