@@ -23,7 +23,7 @@ import msgspec
 from runner.contract import RunEvent, StepEvent
 from runner.engine.ports import Attempt, RunStatus, StepResult
 from runner.errors import RunnerError
-from runner.reporting.execlog import ExecutionLog, LogLine
+from runner.reporting.execlog import ExecutionLog, Level, LogLine
 from runner.reporting.stream import RunState, Transition
 
 PREVIEW_LIMIT_BYTES = 16 * 1024
@@ -99,6 +99,9 @@ class RunReporter:
         self.sink = sink
         self.keep_logs = keep_logs
         self.execlog = execlog
+        # Whether the execution log keeps ``info`` lines: the stdout one drops them unless
+        # RUNNER_LOG_LEVEL=debug, and then they are not built (8 per W3 run).
+        self._info_kept = execlog.wants("info")
         self.redact = redact
         self.now_ms = now_ms
         self.seq = last_seq
@@ -139,22 +142,7 @@ class RunReporter:
         )
 
     async def attempt_done(self, attempt: Attempt) -> None:
-        outcome = str(attempt.status) if attempt.status is not None else None
-        if attempt.error is not None:
-            outcome = f"{attempt.error.code}" + (f" {attempt.status}" if attempt.status else "")
-        context: dict[str, Any] = {
-            "method": attempt.method,
-            "url": attempt.url,
-            "status": attempt.status,
-            "error": str(attempt.error) if attempt.error else None,
-            "durationMs": attempt.duration_ms,
-        }
-        if attempt.decision is not None:
-            context["retry"] = attempt.decision.retry
-            context["delayMs"] = attempt.decision.delay_ms
-            context["reason"] = attempt.decision.reason
         if attempt.possible_duplicate:
-            context["possibleDuplicate"] = True
             self.warn(
                 f"{attempt.step_key}: attempt {attempt.number} of a {attempt.method} without an "
                 "idempotency key follows one that may have reached the server: possible duplicate",
@@ -172,8 +160,27 @@ class RunReporter:
                     keep_logs=self.keep_logs,
                 )
             )
+        level: Level = "info" if attempt.error is None else "warning"
+        if level == "info" and not self._info_kept:
+            return
+        outcome = str(attempt.status) if attempt.status is not None else None
+        if attempt.error is not None:
+            outcome = f"{attempt.error.code}" + (f" {attempt.status}" if attempt.status else "")
+        context: dict[str, Any] = {
+            "method": attempt.method,
+            "url": attempt.url,
+            "status": attempt.status,
+            "error": str(attempt.error) if attempt.error else None,
+            "durationMs": attempt.duration_ms,
+        }
+        if attempt.decision is not None:
+            context["retry"] = attempt.decision.retry
+            context["delayMs"] = attempt.decision.delay_ms
+            context["reason"] = attempt.decision.reason
+        if attempt.possible_duplicate:
+            context["possibleDuplicate"] = True
         self._exec(
-            "info" if attempt.error is None else "warning",
+            level,
             f"attempt {attempt.number} {outcome} in {attempt.duration_ms} ms",
             context,
             step_key=attempt.step_key,
@@ -207,8 +214,11 @@ class RunReporter:
             text += f": {error}"
         progress = None if canceled else self._progress(result.key, result.status)
         await self._publish(event, checkpoint, progress=progress, lines=(text,))
+        level: Level = "error" if result.status == "FAILED" else "info"
+        if level == "info" and not self._info_kept:
+            return
         self._exec(
-            "error" if result.status == "FAILED" else "info",
+            level,
             f"step {result.status}",
             # The output whole: the execution log keeps large payloads as a preview with their
             # size (its sink truncates and redacts them).
@@ -352,17 +362,20 @@ class RunReporter:
 
     def _line(self, text: str) -> str:
         now = self.now_ms()
-        return self.redact.text(f"{_clock_time(now // 1000)}.{now % 1000:03d}Z {text}")
+        # The milliseconds from a table: compiled, a format spec is a ``str.format`` call.
+        return self.redact.text(f"{_clock_time(now // 1000)}.{_MILLIS[now % 1000]}Z {text}")
 
     def _exec(
         self,
-        level: Any,
+        level: Level,
         message: str,
         context: dict[str, Any],
         *,
         step_key: str | None = None,
         attempt: int | None = None,
     ) -> None:
+        if level == "info" and not self._info_kept:
+            return
         self.execlog.write(
             LogLine(
                 tenant_id=self.tenant_id,
@@ -378,6 +391,9 @@ class RunReporter:
                 attempt=attempt,
             )
         )
+
+
+_MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
 
 
 @functools.lru_cache(maxsize=8)

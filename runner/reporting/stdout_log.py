@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from runner.log import LEVELS, log
-from runner.reporting.execlog import DEFAULT_CONTEXT_LIMIT_BYTES, LogLine, Redact, truncate_context
+from runner.reporting.execlog import (
+    DEFAULT_CONTEXT_LIMIT_BYTES,
+    Level,
+    LogLine,
+    Redact,
+    truncate_context,
+)
 
 
 class StdoutExecutionLog:
@@ -29,8 +35,11 @@ class StdoutExecutionLog:
             detail="RUNNER_MONGODB_URL is not set: execution logs go to stdout only",
         )
 
+    def wants(self, level: Level) -> bool:
+        return LEVELS[_process_level(level)] >= log.threshold
+
     def write(self, line: LogLine) -> None:
-        level = line.level if line.level in ("warning", "error") else "debug"
+        level = _process_level(line.level)
         if LEVELS[level] < log.threshold:
             return  # filtered anyway: spare the hot path the redaction and truncation
         context: Any = line.context
@@ -60,3 +69,9 @@ class StdoutExecutionLog:
     @property
     def stats(self) -> dict[str, int]:
         return {"written": self.written, "dropped": 0, "buffered": 0, "failures": 0}
+
+
+def _process_level(level: str) -> str:
+    """The process log's level of an execution-log line: warnings and errors as they are,
+    the rest ``debug``."""
+    return level if level in ("warning", "error") else "debug"

@@ -14,10 +14,12 @@ import pytest
 
 from runner.engine.ports import Attempt, StepResult
 from runner.errors import ErrorCode, RunnerError, StepHTTPError, TemplateError
+from runner.log import LEVELS, log
 from runner.redact import REDACTED, Redactor
 from runner.reporting.checkpoint import parse_checkpoint
 from runner.reporting.execlog import MemoryExecutionLog
 from runner.reporting.status import PREVIEW_LIMIT_BYTES, RunReporter, preview
+from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import JobView, MemoryStatusSink, Transition
 from runner.retry import RetryDecision
 
@@ -54,11 +56,17 @@ class Harness:
         return self.sink.runs[RUN]
 
 
-def harness(*, total_steps: int = 3, last_seq: int = 0, completed_steps: int = 0) -> Harness:
+def harness(
+    *,
+    total_steps: int = 3,
+    last_seq: int = 0,
+    completed_steps: int = 0,
+    execlog_class: type[MemoryExecutionLog] = MemoryExecutionLog,
+) -> Harness:
     redactor = Redactor([SECRET])
     sink = MemoryStatusSink()
     job = sink.job(RUN)
-    execlog = MemoryExecutionLog(redact=redactor.value)
+    execlog = execlog_class(redact=redactor.value)
     reporter = RunReporter(
         run_id=RUN,
         tenant_id="ten_acme",
@@ -503,6 +511,56 @@ async def test_given_a_run_when_reported_then_execution_log_lines_name_step_and_
     retry = docs[3]["context"]
     assert (retry["retry"], retry["delayMs"], retry["reason"]) == (True, 75, "backoff")
     assert all(d["stepRunId"] == (f"{RUN}:{d['stepKey']}" if d["stepKey"] else None) for d in docs)
+
+
+class _KeepsNoInfo(MemoryExecutionLog):
+    """An execution log that drops ``info`` lines, as the stdout one does at its default level,
+    and fails a test that hands it one anyway."""
+
+    def wants(self, level: Any) -> bool:
+        return level != "info"
+
+    def write(self, line: Any) -> None:
+        assert line.level != "info", f"an info line was built: {line.message}"
+        super().write(line)
+
+
+async def test_given_an_execution_log_without_info_when_reported_then_no_info_line_is_built() -> (
+    None
+):
+    h = harness(execlog_class=_KeepsNoInfo)
+
+    await a_short_run(h)
+    await h.reporter.attempt_done(
+        Attempt("b", 3, "POST", "https://api.test/b", 5, status=201, possible_duplicate=True)
+    )
+
+    summary = [(d["level"], d["stepKey"], d["message"][:20]) for d in h.execlog.documents]
+    assert summary == [
+        ("warning", "b", "attempt 1 HTTP_ERROR"),
+        ("error", "b", "step FAILED"),
+        ("error", None, "run FAILED"),
+        ("warning", "b", "b: attempt 3 of a PO"),
+    ]
+    assert len(h.job.lines) == 9  # the job's log lines are not the execution log's
+
+
+def test_the_stdout_execution_log_wants_info_lines_only_at_debug() -> None:
+    stdout_log = StdoutExecutionLog()
+    threshold = log.threshold
+    try:
+        assert [stdout_log.wants(level) for level in ("debug", "info", "warning", "error")] == [
+            False,
+            False,
+            True,
+            True,
+        ]
+        log.threshold = LEVELS["debug"]  # RUNNER_LOG_LEVEL=debug
+        assert stdout_log.wants("info") and stdout_log.wants("debug")
+        log.threshold = LEVELS["error"]
+        assert not stdout_log.wants("warning") and stdout_log.wants("error")
+    finally:
+        log.threshold = threshold
 
 
 async def test_given_a_retry_without_idempotency_when_reported_then_a_warning_is_logged() -> None:

@@ -50,6 +50,10 @@ class ExecutionLog(Protocol):
     def write(self, line: LogLine) -> None:
         """Never blocks, never raises."""
 
+    def wants(self, level: Level) -> bool:
+        """Whether a line of ``level`` would be kept: a writer skips building one that would
+        not (the stdout log drops ``info`` lines at its default level)."""
+
     async def flush(self, timeout_s: float) -> None:
         """Best effort: returns when everything buffered is written or the timeout passed."""
 

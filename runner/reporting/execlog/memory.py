@@ -5,6 +5,7 @@ from __future__ import annotations
 from runner.reporting.execlog.documents import (
     DEFAULT_CONTEXT_LIMIT_BYTES,
     Document,
+    Level,
     LogLine,
     Redact,
     build_document,
@@ -26,6 +27,9 @@ class MemoryExecutionLog:
 
     async def startup(self) -> None:
         return None
+
+    def wants(self, level: Level) -> bool:
+        return True
 
     def write(self, line: LogLine) -> None:
         self.documents.append(

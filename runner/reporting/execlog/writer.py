@@ -18,6 +18,7 @@ from runner.reporting.execlog.buffer import Entry, LogBuffer
 from runner.reporting.execlog.documents import (
     DEFAULT_CONTEXT_LIMIT_BYTES,
     Document,
+    Level,
     LogLine,
     Redact,
     build_document,
@@ -105,6 +106,9 @@ class BufferedExecutionLog:
             self._warn("execution log store unavailable at startup; buffering", exc)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="execution-log-writer")
+
+    def wants(self, level: Level) -> bool:
+        return True
 
     def write(self, line: LogLine) -> None:
         try:
