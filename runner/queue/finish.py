@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from bullmq.scripts import raw2NextJobData
 
 from runner.resp import Batches, Command, ReplyError, RespConnection, Script, load_missing_scripts
+
+_encode_json = msgspec.json.Encoder().encode
 
 
 class ScriptError(Exception):
@@ -49,8 +52,25 @@ class FinishBatches:
 
 def finish_in_batches(worker: Any, batches: FinishBatches) -> None:
     """Send ``worker``'s completions (and failures) through ``batches``, with the same result
-    handling as bullmq's own ``Scripts.moveToFinished``."""
+    handling as bullmq's own ``Scripts.moveToFinished``; a completion's return value is
+    encoded by msgspec."""
     scripts = worker.scripts
+    build_args = scripts.moveToFinishedArgs
+
+    def returnvalue_by_msgspec(
+        job: Any, val: Any, prop: str, *args: Any, **kwargs: Any
+    ) -> tuple[list[Any], list[Any]]:
+        """bullmq encodes a return value with ``json.dumps`` and a new encoder each call, 2%
+        of the instructions of a W3 run; the same JSON from msgspec (UTF-8 where ``json.dumps``
+        escapes to ASCII) costs a twentieth of that. ``args[3]`` is the encoded value, as the
+        Node worker's ``moveToFinishedArgs`` has it too."""
+        if prop != "returnvalue":
+            return build_args(job, val, prop, *args, **kwargs)  # type: ignore[no-any-return]
+        keys, argv = build_args(job, None, prop, *args, **kwargs)
+        argv[3] = _encode_json(val)
+        return keys, argv
+
+    scripts.moveToFinishedArgs = returnvalue_by_msgspec
 
     async def move_to_finished(job_id: str, keys: list[str], args: list[Any]) -> Any:
         result = await batches.call(keys, args)

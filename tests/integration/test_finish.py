@@ -55,7 +55,7 @@ async def test_completions_that_arrive_together_share_a_round_trip(own_redis: st
     async def handler(job: Any, token: str) -> dict[str, Any]:
         started.append(job.id)
         await release.wait()
-        return {"ok": job.id}
+        return {"ok": job.id, "name": "Zoë ✓"}
 
     worker, client, queue = await run_worker(own_redis, handler, jobs=20, concurrency=20)
     try:
@@ -73,7 +73,9 @@ async def test_completions_that_arrive_together_share_a_round_trip(own_redis: st
         await wait_for(all_completed, 20, "20 completions")
         assert worker.finishes.sent - before <= 3, "20 completions released together"
         job = await client.hgetall(f"bull:{QUEUE}:j7")
-        assert json.loads(job[b"returnvalue"]) == {"ok": "j7"}
+        assert json.loads(job[b"returnvalue"]) == {"ok": "j7", "name": "Zoë ✓"}
+        # Encoded by msgspec, not bullmq's json.dumps (which escapes to ASCII).
+        assert "Zoë ✓".encode() in job[b"returnvalue"]
         assert job[b"pb"] == b"t1"  # processedBy: the name rides in the packed options
     finally:
         await worker.close(5)
