@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Awaitable, Callable, Generator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from runner.contract import Connection
@@ -86,8 +86,7 @@ class ApiKeyAuth(Auth):
         else:
             # Replace rather than append: a template-supplied parameter of the same name must not
             # travel next to the key.
-            query = tuple((k, v) for k, v in request.query if k != self.name)
-            yield replace(request, query=(*query, (self.name, self._value)))
+            yield request.with_query_replaced(self.name, self._value)
 
 
 class BasicAuth(Auth):

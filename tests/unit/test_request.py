@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from runner.app import build_kind
 from runner.errors import DefinitionError, ErrorCode, TemplateError
 from runner.http.messages import HttpRequest
 from runner.http.request import (
@@ -350,3 +351,24 @@ def test_given_all_parts_when_built_then_the_request_carries_each_of_them() -> N
         },
         body=b'{"text":"hi"}',
     )
+
+
+def test_a_request_shows_no_header_value_and_derives_rather_than_changes() -> None:
+    req = HttpRequest(
+        "GET",
+        "https://api.test/x",
+        query=(("k", "template"), ("page", "2")),
+        headers={"Authorization": "Bearer s3cr3t-value"},
+    )
+
+    assert "s3cr3t" not in repr(req) and "Authorization" in repr(req)
+    keyed = req.with_query_replaced("k", "key").with_header("authorization", "Basic other")
+    assert keyed.query == (("page", "2"), ("k", "key"))
+    assert dict(keyed.headers) == {"authorization": "Basic other"}
+    assert req.query == (("k", "template"), ("page", "2"))  # the original is untouched
+    assert req != keyed and req == HttpRequest(
+        "GET", "https://api.test/x", (("k", "template"), ("page", "2")), dict(req.headers)
+    )
+    if build_kind() == "compiled":  # Final attributes: read-only once compiled
+        with pytest.raises(AttributeError):
+            req.url = "https://elsewhere.test/"  # type: ignore[misc]
