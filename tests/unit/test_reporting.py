@@ -549,6 +549,7 @@ def test_the_stdout_execution_log_wants_info_lines_only_at_debug() -> None:
     stdout_log = StdoutExecutionLog()
     threshold = log.threshold
     try:
+        log.threshold = LEVELS["info"]  # the default (an earlier test may have set another)
         assert [stdout_log.wants(level) for level in ("debug", "info", "warning", "error")] == [
             False,
             False,
