@@ -189,6 +189,7 @@ class Redactor:
         "_names",
         "_names_re",
         "_other_names_probe",
+        "_reach",
         "_secrets",
         "_secrets_re",
         "_shared_words",
@@ -199,7 +200,7 @@ class Redactor:
         self._names: frozenset[str] = DEFAULT_SENSITIVE_NAMES | {
             n.lower() for n in sensitive_names if n
         }
-        self._secrets_re = self._compile_secrets(self._secrets)
+        self._secrets_re, longest_form = self._compile_secrets(self._secrets)
         self._names_re = self._compile_names(self._names)
         # re.IGNORECASE defeats the regex engine's literal-prefix scan (8x slower on a typical
         # line), so plain substring searches over the lower-cased text decide whether to run
@@ -216,9 +217,16 @@ class Redactor:
         self._shared_words, self._alone = _name_probes(self._ascii_names)
         others = [n for n in self._names if not n.isascii()]
         self._other_names_probe = re.compile(_trie_pattern(others)) if others else None
+        # How far into a text a match can reach from outside it (``is_clean_around``): the
+        # longest name or form of a secret, and one character more for the bounds of a short
+        # secret. None when a name is not ASCII: lower-casing is then not one character at a
+        # time (a final sigma depends on what follows), so only whole texts are checked.
+        longest_name = max(len(n) for n in self._names)
+        self._reach: int | None = None if others else max(longest_name, longest_form) + 1
 
     @staticmethod
-    def _compile_secrets(secrets: frozenset[str]) -> re.Pattern[str]:
+    def _compile_secrets(secrets: frozenset[str]) -> tuple[re.Pattern[str], int]:
+        """The pattern of every form of every secret, and the length of the longest form."""
         long_words: set[str] = set()
         short_words: set[str] = set()
         for secret in secrets:
@@ -233,8 +241,9 @@ class Redactor:
         if short_words:
             parts.append(r"(?<![A-Za-z0-9])(?:" + _trie_pattern(short_words) + r")(?![A-Za-z0-9])")
         if not parts:
-            return _NEVER
-        return re.compile("|".join(parts))
+            return _NEVER, 0
+        longest = max(len(w) for w in long_words | short_words)
+        return re.compile("|".join(parts)), longest
 
     @staticmethod
     def _compile_names(names: frozenset[str]) -> re.Pattern[str]:
@@ -312,6 +321,46 @@ class Redactor:
             return raw
         # Decode what was encoded: plain data whatever ``obj`` held (Structs, msgspec.Raw).
         return _json_encode(self.value(_json_decode(raw)))
+
+    def json_checked(self, obj: Any) -> tuple[bytes, bool]:
+        """``json(obj)``, and whether that is ``obj`` as encoded, clean (nothing was masked):
+        a clean encoding embedded in other JSON needs only the text around it searched
+        (``json_around``)."""
+        raw = _json_encode(obj)
+        if self.is_clean_json(raw):
+            return raw, True
+        return _json_encode(self.value(_json_decode(raw))), False
+
+    def json_around(self, obj: Any, clean: bytes) -> bytes:
+        """``json(obj)``, for data that embeds ``clean`` (as ``msgspec.Raw``), an encoding
+        ``json_checked`` found clean: the text around it is searched, not ``clean`` again.
+        A step's output is embedded in its status event and its checkpoint field, and was
+        searched three times."""
+        raw = _json_encode(obj)
+        if self.is_clean_around(raw, clean):
+            return raw
+        return _json_encode(self.value(_json_decode(raw)))
+
+    def is_clean_around(self, raw: bytes, clean: bytes) -> bool:
+        """``is_clean_json(raw)``, where ``raw`` holds ``clean`` and ``clean`` is clean by
+        itself. A match in ``raw`` lies inside ``clean`` (there is none: a search of
+        ``clean`` alone finds every match it holds in place, since the bounds of a short
+        secret only add conditions), or reaches outside it, and then lies within ``reach``
+        characters of its ends: so what is searched is the text before ``clean`` and after it,
+        each with ``reach`` characters of ``clean``. URL userinfo is checked on the whole
+        (``@`` and ``://`` anywhere). ``clean`` must be ASCII, so that no cut splits a
+        character and lower-casing it is the same alone or in place; otherwise, or when
+        ``clean`` is too short to gain anything, the whole is searched."""
+        reach = self._reach
+        if reach is None or len(clean) <= 2 * reach or not clean.isascii():
+            return self.is_clean_json(raw)
+        start = raw.find(clean)
+        if start < 0:
+            return self.is_clean_json(raw)
+        if b"@" in raw and b"://" in raw:
+            return False
+        end = start + len(clean)
+        return self.is_clean_json(raw[: start + reach]) and self.is_clean_json(raw[end - reach :])
 
     def is_clean(self, text: str) -> bool:
         """Whether ``text`` holds no secret, no sensitive name and no URL userinfo, so that no
@@ -450,9 +499,22 @@ class LayeredRedactor:
         return self.registry.redactor().value(self.own.value(obj))
 
     def json(self, obj: Any) -> bytes:
+        return self.json_checked(obj)[0]
+
+    def json_checked(self, obj: Any) -> tuple[bytes, bool]:
         shared = self.registry.redactor()
         raw = _json_encode(obj)
         text = raw.decode("utf-8", "replace")
         if self.own.is_clean(text) and shared.is_clean(text):
+            return raw, True
+        return _json_encode(shared.value(self.own.value(_json_decode(raw)))), False
+
+    def json_around(self, obj: Any, clean: bytes) -> bytes:
+        """As ``Redactor.json_around`` for the run's own secrets; the process-wide ones are
+        searched in the whole, since a refreshed token may have joined them since ``clean``
+        was checked."""
+        shared = self.registry.redactor()
+        raw = _json_encode(obj)
+        if self.own.is_clean_around(raw, clean) and shared.is_clean_json(raw):
             return raw
         return _json_encode(shared.value(self.own.value(_json_decode(raw))))

@@ -47,6 +47,8 @@ class Redact(Protocol):
     def text(self, value: str) -> str: ...
     def value(self, value: Any) -> Any: ...
     def json(self, value: Any) -> bytes: ...
+    def json_checked(self, value: Any) -> tuple[bytes, bool]: ...
+    def json_around(self, value: Any, clean: bytes) -> bytes: ...
 
 
 def preview(output: Any, limit_bytes: int = PREVIEW_LIMIT_BYTES) -> Any:
@@ -195,7 +197,12 @@ class RunReporter:
         error = result.error
         # Encoded and redacted once, for the event and the checkpoint; redacted before the
         # preview cuts it, since a secret split by the cut would escape the redactor.
-        output_json = self.redact.json(result.output) if result.status == "SUCCESS" else None
+        # Searched for secrets once: when it was clean as it is, the event and the checkpoint
+        # that embed it have only the text around it searched (``Redactor.json_around``).
+        output_json, clean = None, False
+        if result.status == "SUCCESS":
+            output_json, clean = self.redact.json_checked(result.output)
+        embedded = output_json if clean else None
         event = self._step_event(
             result.key,
             result.status,
@@ -205,7 +212,12 @@ class RunReporter:
             output=preview(output_json) if output_json is not None else None,
             error=error,
         )
-        checkpoint = {f"step:{result.key}": self.redact.json(_checkpoint_of(result, output_json))}
+        fields = _checkpoint_of(result, output_json)
+        checkpoint = {
+            f"step:{result.key}": self.redact.json(fields)
+            if embedded is None
+            else self.redact.json_around(fields, embedded)
+        }
         text = f"{result.key} {result.status}"
         if result.status in ("SUCCESS", "FAILED"):
             plural = "" if result.attempts == 1 else "s"
@@ -213,7 +225,7 @@ class RunReporter:
         if error is not None:
             text += f": {error}"
         progress = None if canceled else self._progress(result.key, result.status)
-        await self._publish(event, checkpoint, progress=progress, lines=(text,))
+        await self._publish(event, checkpoint, progress=progress, lines=(text,), embedded=embedded)
         level: Level = "error" if result.status == "FAILED" else "info"
         if level == "info" and not self._info_kept:
             return
@@ -320,11 +332,14 @@ class RunReporter:
         *,
         progress: dict[str, Any] | None = None,
         lines: tuple[str, ...] = (),
+        embedded: bytes | None = None,
     ) -> Awaitable[None]:
         """Write one transition. Not a coroutine, nor is ``_write``: the caller awaits the
         sink's write directly, so a run resumes through two frames fewer when its batch is
         written."""
-        return self._write(self._transition(event, checkpoint, progress=progress, lines=lines))
+        return self._write(
+            self._transition(event, checkpoint, progress=progress, lines=lines, embedded=embedded)
+        )
 
     def _transition(
         self,
@@ -334,12 +349,16 @@ class RunReporter:
         progress: dict[str, Any] | None = None,
         lines: tuple[str, ...] = (),
         renew: bool = False,
+        embedded: bytes | None = None,
     ) -> Transition:
-        """The event with its checkpoint fields, progress and log lines, redacted."""
+        """The event with its checkpoint fields, progress and log lines, redacted;
+        ``embedded``: a clean encoding the event holds (``Redact.json_around``)."""
         return Transition(
             self.run_id,
             self.job_id,
-            event=self.redact.json(event),
+            event=self.redact.json(event)
+            if embedded is None
+            else self.redact.json_around(event, embedded),
             seq=event.seq,
             checkpoint=checkpoint,
             progress=_encode(progress) if progress is not None else None,

@@ -9,6 +9,7 @@ import re
 from urllib.parse import quote, quote_plus
 
 import aiohttp
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -400,3 +401,66 @@ def test_scrubbed_masks_a_secret_that_json_escapes() -> None:
 def test_scrubbed_falls_back_to_the_walk_for_data_json_cannot_hold() -> None:
     data = {"when": {1, 2}, "key": API_KEY}
     assert REDACTOR.scrubbed(data) == REDACTOR.value(data)
+
+
+# --- a clean part searched once ---------------------------------------------------------------
+
+_LONG_SECRET = "a-long-secret-of-forty-characters-0123456"
+_AROUND = Redactor([API_KEY, "ab", _LONG_SECRET], ["X-API-Key"])
+_PIECES = st.sampled_from(
+    ["Authorization", "x-api-key", "ab", API_KEY, _LONG_SECRET, "@", "://", "k"]
+)
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=6)
+_CUT = _PIECES.flatmap(lambda p: st.integers(0, len(p)).map(lambda i: (p[:i], p[i:])))
+
+
+@given(_TEXT, _CUT, st.integers(0, 120), _CUT, _TEXT)
+def test_the_search_around_a_clean_part_finds_what_the_whole_search_finds(
+    before: str, first: tuple[str, str], padding: int, last: tuple[str, str], after: str
+) -> None:
+    # A name or secret cut in two across each end of the part, with text either side.
+    clean = (first[1] + "x" * padding + last[0]).encode()
+    if not _AROUND.is_clean_json(clean):
+        return  # only a part that is clean alone is ever searched around
+    raw = (before + first[0]).encode() + clean + (last[1] + after).encode()
+    around = _AROUND.is_clean_around(raw, clean)
+    # Never clean where the whole is not; and, where no short secret's bounds are cut, as
+    # often clean as the whole.
+    assert around <= _AROUND.is_clean_json(raw), raw
+    if "ab" not in raw.decode().lower():
+        assert around == _AROUND.is_clean_json(raw), raw
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ('{"h":"Bearer x", "x-api', '-key": "v"}'),  # a name across the start
+        ('{"h":"', f'{API_KEY[3:]}"}}'),  # a secret across the end, its start in the part
+        ('{"u":"https', ' "@h"}'),  # URL userinfo: "://" and "@" apart
+    ],
+)
+def test_a_match_across_the_edge_of_a_clean_part_is_found(before: str, after: str) -> None:
+    name_end = "-key" if "x-api" in before else ""
+    secret_start = API_KEY[:3] if API_KEY[3:] in after else ""
+    scheme = "://" if "https" in before else ""
+    part = f"{name_end}{'x' * 100}{secret_start}".encode()
+    clean = (scheme.encode() + part) if scheme else part
+    assert _AROUND.is_clean_json(clean)
+    raw = before.encode() + clean + after.encode()
+    assert not _AROUND.is_clean_json(raw)
+    assert not _AROUND.is_clean_around(raw, clean)
+
+
+def test_json_around_masks_what_the_whole_would() -> None:
+    output = {"status": 200, "body": {"id": "c_1", "pad": "x" * 300}}
+    raw, clean = _AROUND.json_checked(output)
+    assert clean and raw == json.dumps(output, separators=(",", ":")).encode()
+    event = {"error": f"X-API-Key: {API_KEY}", "output": msgspec.Raw(raw)}
+
+    masked = _AROUND.json_around(event, raw)
+
+    assert API_KEY not in masked.decode() and json.loads(masked)["output"] == output
+    assert masked == _AROUND.json(event)
+    assert _AROUND.json_checked({"k": API_KEY}) == (b'{"k":"' + REDACTED.encode() + b'"}', False)
