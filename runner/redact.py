@@ -177,6 +177,9 @@ def _trie_branch(ordered: list[str], lo: int, hi: int, offset: int) -> str:
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
+# Below this, a clean part is searched again with the whole text when there is no secret to
+# search for (``Redactor.is_clean_around``).
+_AROUND_FROM_BYTES = 512
 
 
 class Redactor:
@@ -350,16 +353,29 @@ class Redactor:
         each with ``reach`` characters of ``clean``. URL userinfo is checked on the whole
         (``@`` and ``://`` anywhere). ``clean`` must be ASCII, so that no cut splits a
         character and lower-casing it is the same alone or in place; otherwise, or when
-        ``clean`` is too short to gain anything, the whole is searched."""
+        ``clean`` is too short to gain anything, the whole is searched. Without secrets only
+        names are searched, which is cheap per character: searching around then pays only
+        from ``_AROUND_FROM_BYTES`` (measured, compiled: a 212-byte output in a 539-byte
+        event, 1.0 µs whole against 1.4 around; 1,712 in 2,039, 3.2 against 1.5; with a
+        secret, 4.0 against 3.9 and 15.6 against 4.5)."""
         reach = self._reach
-        if reach is None or len(clean) <= 2 * reach or not clean.isascii():
+        if (
+            reach is None
+            or len(clean) <= 2 * reach
+            or (not self._secrets and len(clean) < _AROUND_FROM_BYTES)
+            or not clean.isascii()
+        ):
             return self.is_clean_json(raw)
-        start = raw.find(clean)
-        if start < 0:
+        # Found from its end, which is near the end of ``raw`` (an output is followed by a few
+        # short fields), and then compared whole: ``raw.find(clean)`` prepares a search for
+        # the whole of ``clean``, which cost more than the search it saves.
+        probe = clean[-16:]
+        end = raw.rfind(probe) + len(probe)
+        start = end - len(clean)
+        if start < 0 or not raw.startswith(clean, start):
             return self.is_clean_json(raw)
         if b"@" in raw and b"://" in raw:
             return False
-        end = start + len(clean)
         return self.is_clean_json(raw[: start + reach]) and self.is_clean_json(raw[end - reach :])
 
     def is_clean(self, text: str) -> bool:

@@ -416,7 +416,7 @@ _TEXT = st.text(st.characters(codec="utf-8"), max_size=6)
 _CUT = _PIECES.flatmap(lambda p: st.integers(0, len(p)).map(lambda i: (p[:i], p[i:])))
 
 
-@given(_TEXT, _CUT, st.integers(0, 120), _CUT, _TEXT)
+@given(_TEXT, _CUT, st.integers(0, 300), _CUT, _TEXT)
 def test_the_search_around_a_clean_part_finds_what_the_whole_search_finds(
     before: str, first: tuple[str, str], padding: int, last: tuple[str, str], after: str
 ) -> None:
