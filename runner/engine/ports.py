@@ -7,12 +7,11 @@ plugs real implementations in, tests plug in-memory ones.
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from runner.clock import SystemClock as SystemClock
 from runner.contract import Connection
 from runner.errors import RunnerError
 from runner.http.messages import HttpRequest, HttpResponse
@@ -39,17 +38,6 @@ class Clock(Protocol):
     def now_ms(self) -> int: ...
     async def sleep(self, delay_s: float) -> None: ...
     def random(self) -> float: ...
-
-
-class SystemClock:
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-    async def sleep(self, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-
-    def random(self) -> float:
-        return random.random()
 
 
 class Transport(Protocol):

@@ -362,7 +362,7 @@ class RunReporter:
             seq=event.seq,
             checkpoint=checkpoint,
             progress=_encode(progress) if progress is not None else None,
-            log_lines=tuple(self._line(text) for text in lines),
+            log_lines=tuple(self._line(text, event.at) for text in lines),
             keep_logs=self.keep_logs,
             renew=renew,
         )
@@ -379,8 +379,11 @@ class RunReporter:
         if held is not None:
             await self.sink.write(held)
 
-    def _line(self, text: str) -> str:
-        now = self.now_ms()
+    def _line(self, text: str, now: int | None = None) -> str:
+        """A ``job.log`` line, stamped ``now`` (the time of the event it goes with) or with
+        the clock's time."""
+        if now is None:
+            now = self.now_ms()
         # The milliseconds from a table: compiled, a format spec is a ``str.format`` call.
         return self.redact.text(f"{_clock_time(now // 1000)}.{_MILLIS[now % 1000]}Z {text}")
 

@@ -84,15 +84,23 @@ def version(
 # --- the runner side ------------------------------------------------------------------------
 
 
-class RecordingClock(SystemClock):
-    """The system clock (it really sleeps) that also records every sleep the engine asks for."""
+class RecordingClock:
+    """The system clock (it really sleeps) that also records every sleep the engine asks for.
+    It wraps the clock rather than subclass it: compiled, ``SystemClock`` is a native class."""
 
     def __init__(self) -> None:
         self.sleeps_s: list[float] = []
+        self._clock = SystemClock()
+
+    def now_ms(self) -> int:
+        return self._clock.now_ms()
 
     async def sleep(self, delay_s: float) -> None:
         self.sleeps_s.append(delay_s)
-        await super().sleep(delay_s)
+        await self._clock.sleep(delay_s)
+
+    def random(self) -> float:
+        return self._clock.random()
 
 
 @dataclass
