@@ -31,6 +31,8 @@ secrets of every run (and every refreshed OAuth2 token) in this process.
 from __future__ import annotations
 
 import base64
+import functools
+import importlib
 import json
 import re
 import threading
@@ -66,6 +68,15 @@ _HEX_ESCAPE = re.compile(r"%[0-9A-F]{2}")
 _AUTH_SCHEME = r"(?:(?:Bearer|Basic|Digest|Token|Negotiate|NTLM|Bot)\s+)?"
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,31}://)[^/\s?#@]*(?:@[^/\s?#@]*)*@")
 _NEVER = re.compile(r"(?!)")
+# re's compiler itself: ``re.compile`` keeps the last 512 patterns it compiled, with their text,
+# and a run's secrets must not outlive the run in memory (CONTRACT §4).
+_re_compiler = importlib.import_module("re._compiler")
+
+
+def _compile_uncached(pattern: str) -> re.Pattern[str]:
+    """``re.compile(pattern)``, without a copy left in ``re``'s cache."""
+    compiled: re.Pattern[str] = _re_compiler.compile(pattern, 0)
+    return compiled
 
 
 def _b64_variants(raw: bytes) -> set[str]:
@@ -182,6 +193,32 @@ _json_decode = msgspec.json.Decoder().decode
 _AROUND_FROM_BYTES = 512
 
 
+_NameMatchers = tuple[
+    re.Pattern[str], tuple[str, ...], tuple[str, ...], tuple[str, ...], re.Pattern[str] | None
+]
+
+
+@functools.lru_cache(maxsize=64)
+def _name_matchers(names: frozenset[str]) -> _NameMatchers:
+    """What finds ``names`` (lower-cased), made once for each set of names (they are names,
+    not secrets: a header or parameter name): the masking regex, and the probes that decide
+    whether to run it.
+
+    re.IGNORECASE defeats the regex engine's literal-prefix scan (8x slower on a typical line),
+    so plain substring searches over the lower-cased text decide whether to run it; names
+    outside ASCII are probed by a regex. A name that holds another (``set-cookie``, ``cookie``)
+    needs no search of its own: it is found only where the shorter one is. Fewer searches
+    still: a word several names share stands for them all (``token`` for ``access_token``,
+    ``id_token`` and ``refresh_token``); only where it occurs are the names themselves
+    searched."""
+    ascii_names = [n for n in names if n.isascii()]
+    kept = tuple(sorted(n for n in ascii_names if not any(o != n and o in n for o in ascii_names)))
+    shared_words, alone = _name_probes(kept)
+    others = [n for n in names if not n.isascii()]
+    other_probe = re.compile(_trie_pattern(others)) if others else None
+    return Redactor._compile_names(names), kept, shared_words, alone, other_probe
+
+
 class Redactor:
     """Masks a fixed set of secrets and sensitive names. Immutable; build one per run, or use
     ``SECRETS.redactor()`` for everything in flight in the process."""
@@ -204,28 +241,21 @@ class Redactor:
             n.lower() for n in sensitive_names if n
         }
         self._secrets_re, longest_form = self._compile_secrets(self._secrets)
-        self._names_re = self._compile_names(self._names)
-        # re.IGNORECASE defeats the regex engine's literal-prefix scan (8x slower on a typical
-        # line), so plain substring searches over the lower-cased text decide whether to run
-        # it; names outside ASCII are probed by a regex.
-        # A name that holds another (``set-cookie``, ``cookie``) needs no search of its own: it
-        # is found only where the shorter one is.
-        ascii_names = [n for n in self._names if n.isascii()]
-        self._ascii_names = tuple(
-            sorted(n for n in ascii_names if not any(o != n and o in n for o in ascii_names))
-        )
-        # Fewer searches still: a word several names share stands for them all (``token``
-        # for ``access_token``, ``id_token`` and ``refresh_token``); only where it occurs are
-        # the names themselves searched.
-        self._shared_words, self._alone = _name_probes(self._ascii_names)
-        others = [n for n in self._names if not n.isascii()]
-        self._other_names_probe = re.compile(_trie_pattern(others)) if others else None
+        (
+            self._names_re,
+            self._ascii_names,
+            self._shared_words,
+            self._alone,
+            self._other_names_probe,
+        ) = _name_matchers(self._names)
         # How far into a text a match can reach from outside it (``is_clean_around``): the
         # longest name or form of a secret, and one character more for the bounds of a short
         # secret. None when a name is not ASCII: lower-casing is then not one character at a
         # time (a final sigma depends on what follows), so only whole texts are checked.
         longest_name = max(len(n) for n in self._names)
-        self._reach: int | None = None if others else max(longest_name, longest_form) + 1
+        self._reach: int | None = (
+            None if self._other_names_probe is not None else max(longest_name, longest_form) + 1
+        )
 
     @staticmethod
     def _compile_secrets(secrets: frozenset[str]) -> tuple[re.Pattern[str], int]:
@@ -246,7 +276,7 @@ class Redactor:
         if not parts:
             return _NEVER, 0
         longest = max(len(w) for w in long_words | short_words)
-        return re.compile("|".join(parts)), longest
+        return _compile_uncached("|".join(parts)), longest
 
     @staticmethod
     def _compile_names(names: frozenset[str]) -> re.Pattern[str]:
@@ -454,13 +484,22 @@ def _mask_named_value(match: re.Match[str]) -> str:
 
 class SecretRegistry:
     """Secrets of every run in flight in this process. Thread-safe: the logger may run anywhere.
-    The combined ``Redactor`` is rebuilt lazily, only after the set changed."""
+    The combined ``Redactor`` is rebuilt lazily, only after the set changed.
+
+    It also holds each run's own redactor (``run_redactor``): runs in flight with the same
+    secrets and names share one, and it is forgotten with the last of them, so that secrets
+    stay in memory only while a run that has them is in flight (CONTRACT §4). Building one
+    compiles a regex of every form of every secret: some 36 µs compiled, each run with
+    credentials did it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._next_handle = 0
         self._cached: Redactor | None = Redactor()
+        # (secrets, names) -> the redactor and how many registered runs use it
+        self._shared: dict[tuple[frozenset[str], frozenset[str]], tuple[Redactor, int]] = {}
+        self._shared_key: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
 
     def register(self, values: Iterable[str], sensitive_names: Iterable[str] = ()) -> int:
         entry = (tuple(v for v in values if v), tuple(sensitive_names))
@@ -474,6 +513,32 @@ class SecretRegistry:
         with self._lock:
             if self._entries.pop(handle, None) is not None:
                 self._cached = None
+            key = self._shared_key.pop(handle, None)
+            if key is not None:
+                redactor, users = self._shared[key]
+                if users > 1:
+                    self._shared[key] = (redactor, users - 1)
+                else:
+                    del self._shared[key]
+
+    def run_redactor(self, handle: int, extra: Iterable[str] = ()) -> Redactor:
+        """The redactor of the run registered as ``handle``: its secrets, ``extra`` ones (the
+        process's) and its names; shared with the other runs in flight that have the same.
+        Once per handle."""
+        with self._lock:
+            values, names = self._entries[handle]
+            key = (frozenset((*values, *extra)), frozenset(names))
+            found = self._shared.get(key)
+            redactor = found[0] if found is not None else Redactor(key[0], key[1])
+            self._shared[key] = (redactor, found[1] + 1 if found is not None else 1)
+            self._shared_key[handle] = key
+            return redactor
+
+    @property
+    def shared(self) -> int:
+        """Run redactors held (for tests)."""
+        with self._lock:
+            return len(self._shared)
 
     def redactor(self) -> Redactor:
         with self._lock:

@@ -116,7 +116,7 @@ class RunService:
             values, names = _secret_material(connections.values(), creds.secrets.values())
             handle = SECRETS.register(values, names)
             if values or names:
-                redactor = Redactor([*values, *self.process_secrets], names)
+                redactor = SECRETS.run_redactor(handle, self.process_secrets)
             # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
             reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor

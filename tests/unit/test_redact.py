@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import uuid
 from urllib.parse import quote, quote_plus
 
 import aiohttp
@@ -464,3 +465,39 @@ def test_json_around_masks_what_the_whole_would() -> None:
     assert API_KEY not in masked.decode() and json.loads(masked)["output"] == output
     assert masked == _AROUND.json(event)
     assert _AROUND.json_checked({"k": API_KEY}) == (b'{"k":"' + REDACTED.encode() + b'"}', False)
+
+
+# --- a run's secrets in memory ---------------------------------------------------------------
+
+
+def test_a_redactor_leaves_no_secret_in_the_regex_cache() -> None:
+    # re.compile keeps the last 512 patterns it compiled, with their text: a run's secrets
+    # must not stay there after the run (CONTRACT §4).
+    secret = "zq" + uuid.uuid4().hex
+    assert Redactor([secret]).text(f"key {secret}") == f"key {REDACTED}"
+    assert Redactor([secret], ["x-key"]).is_clean(f"{secret}") is False
+
+    cached = [str(key) + str(getattr(value, "pattern", "")) for key, value in re._cache.items()]  # type: ignore[attr-defined]
+    assert not any(secret[:16] in text for text in cached)
+
+
+def test_runs_with_the_same_secrets_share_one_redactor_until_the_last_of_them_ends() -> None:
+    registry = SecretRegistry()
+    first = registry.register(["s3cret-value-1"], ["X-Key"])
+    second = registry.register(["s3cret-value-1"], ["X-Key"])
+    other = registry.register(["another-secret-2"], ["X-Key"])
+
+    mine = registry.run_redactor(first, ["process-secret"])
+    assert registry.run_redactor(second, ["process-secret"]) is mine
+    assert registry.run_redactor(other, ["process-secret"]) is not mine
+    assert registry.shared == 2
+    assert mine.text("s3cret-value-1 and process-secret, X-Key: v") == (
+        f"{REDACTED} and {REDACTED}, X-Key: {REDACTED}"
+    )
+    assert "another-secret-2" in mine.text("another-secret-2")
+
+    registry.unregister(first)
+    assert registry.shared == 2  # the second run still has it
+    registry.unregister(second)
+    registry.unregister(other)
+    assert registry.shared == 0
