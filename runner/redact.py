@@ -226,12 +226,13 @@ class Redactor:
     __slots__ = (
         "_alone",
         "_ascii_names",
+        "_longest_form",
         "_names",
         "_names_re",
         "_other_names_probe",
         "_reach",
+        "_secret_patterns",
         "_secrets",
-        "_secrets_re",
         "_shared_words",
     )
 
@@ -240,7 +241,13 @@ class Redactor:
         self._names: frozenset[str] = DEFAULT_SENSITIVE_NAMES | {
             n.lower() for n in sensitive_names if n
         }
-        self._secrets_re, longest_form = self._compile_secrets(self._secrets)
+        # One pattern for all the forms of all the secrets; a combined redactor holds several
+        # (``combined``): each is searched in turn.
+        self._secret_patterns: tuple[re.Pattern[str], ...] = ()
+        self._longest_form = 0
+        if self._secrets:
+            pattern, self._longest_form = self._compile_secrets(self._secrets)
+            self._secret_patterns = (pattern,)
         (
             self._names_re,
             self._ascii_names,
@@ -248,14 +255,42 @@ class Redactor:
             self._alone,
             self._other_names_probe,
         ) = _name_matchers(self._names)
-        # How far into a text a match can reach from outside it (``is_clean_around``): the
-        # longest name or form of a secret, and one character more for the bounds of a short
-        # secret. None when a name is not ASCII: lower-casing is then not one character at a
-        # time (a final sigma depends on what follows), so only whole texts are checked.
-        longest_name = max(len(n) for n in self._names)
-        self._reach: int | None = (
-            None if self._other_names_probe is not None else max(longest_name, longest_form) + 1
-        )
+        self._reach: int | None = self._reach_now()
+
+    def _reach_now(self) -> int | None:
+        """How far into a text a match can reach from outside it (``is_clean_around``): the
+        longest name or form of a secret, and one character more for the bounds of a short
+        secret. None when a name is not ASCII: lower-casing is then not one character at a
+        time (a final sigma depends on what follows), so only whole texts are checked."""
+        if self._other_names_probe is not None:
+            return None
+        return max(max(len(n) for n in self._names), self._longest_form) + 1
+
+    @staticmethod
+    def combined(parts: Iterable[Redactor]) -> Redactor:
+        """A redactor that masks what every one of ``parts`` masks, made without compiling
+        a pattern of secrets: it searches each part's pattern in turn (the names' matchers are
+        made once per set of names). The process-wide redactor is one: rebuilt whenever a run
+        with other secrets starts or ends, one compiled pattern of every secret in flight took
+        some 16 ms with 50 runs (and its logs and execution-log documents waited for it).
+        Where two parts' secrets overlap in a text, the part searched first masks its match."""
+        held = list(parts)
+        names: set[str] = set()
+        for part in held:
+            names |= part._names
+        out = Redactor((), names)
+        patterns: list[re.Pattern[str]] = []
+        secrets: set[str] = set()
+        for part in held:
+            secrets |= part._secrets
+            out._longest_form = max(out._longest_form, part._longest_form)
+            for pattern in part._secret_patterns:
+                if not any(pattern is p for p in patterns):
+                    patterns.append(pattern)
+        out._secrets = frozenset(secrets)
+        out._secret_patterns = tuple(patterns)
+        out._reach = out._reach_now()
+        return out
 
     @staticmethod
     def _compile_secrets(secrets: frozenset[str]) -> tuple[re.Pattern[str], int]:
@@ -310,8 +345,8 @@ class Redactor:
         return name.lower() in self._names
 
     def text(self, s: str) -> str:
-        if self._secrets:
-            s = self._secrets_re.sub(REDACTED, s)
+        for pattern in self._secret_patterns:
+            s = pattern.sub(REDACTED, s)
         if self._may_name(s.lower()):
             s = self._names_re.sub(_mask_named_value, s)
         if "@" in s and "://" in s:
@@ -411,8 +446,9 @@ class Redactor:
     def is_clean(self, text: str) -> bool:
         """Whether ``text`` holds no secret, no sensitive name and no URL userinfo, so that no
         rendering of the data it was made from needs masking."""
-        if self._secrets and self._secrets_re.search(text) is not None:
-            return False
+        for pattern in self._secret_patterns:
+            if pattern.search(text) is not None:
+                return False
         if self._may_name(text.lower()):
             return False
         return not ("@" in text and "://" in text)
@@ -482,73 +518,86 @@ def _mask_named_value(match: re.Match[str]) -> str:
     return text[: start - whole_start] + REDACTED + text[end - whole_start :]
 
 
+_Key = tuple[frozenset[str], frozenset[str]]
+
+
 class SecretRegistry:
     """Secrets of every run in flight in this process. Thread-safe: the logger may run anywhere.
-    The combined ``Redactor`` is rebuilt lazily, only after the set changed.
 
-    It also holds each run's own redactor (``run_redactor``): runs in flight with the same
-    secrets and names share one, and it is forgotten with the last of them, so that secrets
-    stay in memory only while a run that has them is in flight (CONTRACT §4). Building one
-    compiles a regex of every form of every secret: some 36 µs compiled, each run with
-    credentials did it."""
+    Each registration's secrets and names get a ``Redactor`` (``run_redactor``), compiled when
+    they are first registered and shared by every registration with the same, then forgotten
+    with the last of them, so that secrets stay in memory only while a run that has them is in
+    flight (CONTRACT §4). Compiling one costs more than a run's status writes: runs of one
+    connection share it.
+
+    ``redactor()`` masks everything registered: made from those redactors without compiling
+    (``Redactor.combined``), and made again only when a registration with other secrets or
+    names comes or the last with some goes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._entries: dict[int, _Key] = {}
         self._next_handle = 0
         self._cached: Redactor | None = Redactor()
-        # (secrets, names) -> the redactor and how many registered runs use it
-        self._shared: dict[tuple[frozenset[str], frozenset[str]], tuple[Redactor, int]] = {}
-        self._shared_key: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+        # (secrets, names) -> their redactor and how many registrations hold it
+        self._held: dict[_Key, tuple[Redactor, int]] = {}
 
-    def register(self, values: Iterable[str], sensitive_names: Iterable[str] = ()) -> int:
-        entry = (tuple(v for v in values if v), tuple(sensitive_names))
+    def register(
+        self,
+        values: Iterable[str],
+        sensitive_names: Iterable[str] = (),
+        extra: Iterable[str] = (),
+    ) -> int:
+        """Hold ``values`` and ``sensitive_names`` (a run's; ``extra``: secrets its redactor
+        masks too, the process's own) until ``unregister``."""
+        key = (
+            frozenset(v for v in (*values, *extra) if v),
+            frozenset(n.lower() for n in sensitive_names if n),
+        )
+        with self._lock:
+            found = self._held.get(key)
+        # Compiled outside the lock, which the logger may be waiting on.
+        made = Redactor(key[0], key[1]) if found is None else None
         with self._lock:
             self._next_handle += 1
-            self._entries[self._next_handle] = entry
-            self._cached = None
+            self._entries[self._next_handle] = key
+            found = self._held.get(key)
+            if found is not None:
+                self._held[key] = (found[0], found[1] + 1)
+            else:
+                assert made is not None
+                self._held[key] = (made, 1)
+                self._cached = None
             return self._next_handle
 
     def unregister(self, handle: int) -> None:
         with self._lock:
-            if self._entries.pop(handle, None) is not None:
+            key = self._entries.pop(handle, None)
+            if key is None:
+                return
+            redactor, users = self._held[key]
+            if users > 1:
+                self._held[key] = (redactor, users - 1)
+            else:
+                del self._held[key]
                 self._cached = None
-            key = self._shared_key.pop(handle, None)
-            if key is not None:
-                redactor, users = self._shared[key]
-                if users > 1:
-                    self._shared[key] = (redactor, users - 1)
-                else:
-                    del self._shared[key]
 
-    def run_redactor(self, handle: int, extra: Iterable[str] = ()) -> Redactor:
-        """The redactor of the run registered as ``handle``: its secrets, ``extra`` ones (the
-        process's) and its names; shared with the other runs in flight that have the same.
-        Once per handle."""
+    def run_redactor(self, handle: int) -> Redactor:
+        """The redactor of the registration ``handle``: its secrets, its ``extra`` ones and
+        its names, shared with every registration that has the same."""
         with self._lock:
-            values, names = self._entries[handle]
-            key = (frozenset((*values, *extra)), frozenset(names))
-            found = self._shared.get(key)
-            redactor = found[0] if found is not None else Redactor(key[0], key[1])
-            self._shared[key] = (redactor, found[1] + 1 if found is not None else 1)
-            self._shared_key[handle] = key
-            return redactor
+            return self._held[self._entries[handle]][0]
 
     @property
     def shared(self) -> int:
-        """Run redactors held (for tests)."""
+        """Redactors held, one per set of secrets and names (for tests)."""
         with self._lock:
-            return len(self._shared)
+            return len(self._held)
 
     def redactor(self) -> Redactor:
         with self._lock:
             if self._cached is None:
-                secrets: set[str] = set()
-                names: set[str] = set()
-                for values, entry_names in self._entries.values():
-                    secrets.update(values)
-                    names.update(entry_names)
-                self._cached = Redactor(secrets, names)
+                self._cached = Redactor.combined(r for r, _ in self._held.values())
             return self._cached
 
 
@@ -581,6 +630,9 @@ class LayeredRedactor:
 
     def json(self, obj: Any) -> bytes:
         return self.json_checked(obj)[0]
+
+    def scrubbed(self, obj: Any) -> Any:
+        return self.registry.redactor().scrubbed(self.own.scrubbed(obj))
 
     def json_checked(self, obj: Any) -> tuple[bytes, bool]:
         shared = self.registry.redactor()

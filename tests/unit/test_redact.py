@@ -483,13 +483,13 @@ def test_a_redactor_leaves_no_secret_in_the_regex_cache() -> None:
 
 def test_runs_with_the_same_secrets_share_one_redactor_until_the_last_of_them_ends() -> None:
     registry = SecretRegistry()
-    first = registry.register(["s3cret-value-1"], ["X-Key"])
-    second = registry.register(["s3cret-value-1"], ["X-Key"])
-    other = registry.register(["another-secret-2"], ["X-Key"])
+    first = registry.register(["s3cret-value-1"], ["X-Key"], extra=["process-secret"])
+    second = registry.register(["s3cret-value-1"], ["x-key"], extra=["process-secret"])
+    other = registry.register(["another-secret-2"], ["X-Key"], extra=["process-secret"])
 
-    mine = registry.run_redactor(first, ["process-secret"])
-    assert registry.run_redactor(second, ["process-secret"]) is mine
-    assert registry.run_redactor(other, ["process-secret"]) is not mine
+    mine = registry.run_redactor(first)
+    assert registry.run_redactor(second) is mine
+    assert registry.run_redactor(other) is not mine
     assert registry.shared == 2
     assert mine.text("s3cret-value-1 and process-secret, X-Key: v") == (
         f"{REDACTED} and {REDACTED}, X-Key: {REDACTED}"
@@ -501,3 +501,70 @@ def test_runs_with_the_same_secrets_share_one_redactor_until_the_last_of_them_en
     registry.unregister(second)
     registry.unregister(other)
     assert registry.shared == 0
+
+
+def test_the_process_redactor_stays_while_runs_with_the_same_secrets_come_and_go() -> None:
+    # Made again only when the secrets or names held change: with MongoDB every execution-log
+    # document is scrubbed by it, and each run's start and end used to remake it.
+    registry = SecretRegistry()
+    registry.register(["process-secret"])
+    first = registry.register(["tenant-key-1"], ["X-Key"], extra=["process-secret"])
+    before = registry.redactor()
+    second = registry.register(["tenant-key-1"], ["X-Key"], extra=["process-secret"])
+    registry.unregister(first)
+    assert registry.redactor() is before
+    registry.unregister(second)
+    after = registry.redactor()
+    assert after is not before
+    assert after.text("tenant-key-1 process-secret") == f"tenant-key-1 {REDACTED}"
+
+
+def test_the_process_redactor_searches_the_runs_own_patterns_and_compiles_none() -> None:
+    registry = SecretRegistry()
+    handles = [registry.register([f"tenant-{i}-key-value"], [f"X-Key-{i}"]) for i in range(3)]
+    combined = registry.redactor()
+    own = [registry.run_redactor(h)._secret_patterns[0] for h in handles]
+    assert len(combined._secret_patterns) == 3
+    assert all(any(p is q for q in combined._secret_patterns) for p in own)
+    assert combined.text("tenant-0-key-value tenant-2-key-value X-Key-1: v") == (
+        f"{REDACTED} {REDACTED} X-Key-1: {REDACTED}"
+    )
+
+
+_PART_A = Redactor(["alpha-secret-1", "xy"], ["X-One"])
+_PART_B = Redactor(["bravo-secret-22", "zq"], ["X-Two"])
+_UNION = Redactor(
+    _PART_A.secrets | _PART_B.secrets, _PART_A.sensitive_names | _PART_B.sensitive_names
+)
+_COMBINED = Redactor.combined([_PART_A, _PART_B])
+_PIECES = st.sampled_from(
+    [
+        "alpha-secret-1",
+        "bravo-secret-22",
+        "xy",
+        "zq",
+        "X-One",
+        "x-two",
+        "token",
+        ": ",
+        "=",
+        "?",
+        "&",
+        " ",
+        '"',
+        "https://u:p@h/",
+        "plain",
+        "ab1",
+        "\n",
+    ]
+)
+
+
+@given(st.lists(_PIECES, max_size=12).map("".join))
+def test_a_combined_redactor_finds_what_one_of_all_the_secrets_finds(text: str) -> None:
+    assert _COMBINED.is_clean(text) == _UNION.is_clean(text)
+    masked = _COMBINED.text(text)
+    for secret in ("alpha-secret-1", "bravo-secret-22"):
+        assert secret not in masked
+    if _UNION.text(text) == text:
+        assert masked == text
