@@ -49,6 +49,7 @@ class Redact(Protocol):
     def json(self, value: Any) -> bytes: ...
     def json_checked(self, value: Any) -> tuple[bytes, bool]: ...
     def json_around(self, value: Any, clean: bytes) -> bytes: ...
+    def scrubbed(self, value: Any) -> Any: ...
 
 
 def preview(output: Any, limit_bytes: int = PREVIEW_LIMIT_BYTES) -> Any:
@@ -398,6 +399,8 @@ class RunReporter:
     ) -> None:
         if level == "info" and not self._info_kept:
             return
+        # Redacted by the run's own redactor, as its status events are: the execution log's own
+        # masks the secrets of every run in flight, a search per set of them for each line.
         self.execlog.write(
             LogLine(
                 tenant_id=self.tenant_id,
@@ -411,7 +414,8 @@ class RunReporter:
                 step_key=step_key,
                 step_run_id=f"{self.run_id}:{step_key}" if step_key else None,
                 attempt=attempt,
-            )
+            ),
+            self.redact.scrubbed,
         )
 
 

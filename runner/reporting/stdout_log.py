@@ -38,14 +38,15 @@ class StdoutExecutionLog:
     def wants(self, level: Level) -> bool:
         return LEVELS[_process_level(level)] >= log.threshold
 
-    def write(self, line: LogLine) -> None:
+    def write(self, line: LogLine, redact: Redact | None = None) -> None:
         level = _process_level(line.level)
         if LEVELS[level] < log.threshold:
             return  # filtered anyway: spare the hot path the redaction and truncation
         context: Any = line.context
         message = line.message
-        if self.redact is not None:
-            context, message = self.redact(context), self.redact(message)
+        redact = redact or self.redact
+        if redact is not None:
+            context, message = redact(context), redact(message)
         log.event(
             "exec",
             # Warnings and errors show at the default level; the rest with RUNNER_LOG_LEVEL=debug.

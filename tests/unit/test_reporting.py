@@ -520,9 +520,9 @@ class _KeepsNoInfo(MemoryExecutionLog):
     def wants(self, level: Any) -> bool:
         return level != "info"
 
-    def write(self, line: Any) -> None:
+    def write(self, line: Any, redact: Any = None) -> None:
         assert line.level != "info", f"an info line was built: {line.message}"
-        super().write(line)
+        super().write(line, redact)
 
 
 async def test_given_an_execution_log_without_info_when_reported_then_no_info_line_is_built() -> (
@@ -616,3 +616,28 @@ async def test_given_a_secret_everywhere_when_reported_then_it_appears_nowhere()
     assert success["output"]["body"]["token"] == REDACTED
     assert json.loads(h.checkpoint()["step:a"])["output"]["extracted"] == REDACTED
     assert REDACTED in json.loads(h.sink.events[-1])["errorMessage"]
+
+
+class _KnowsNoSecret(MemoryExecutionLog):
+    """An execution log whose own redaction knows none of the run's secrets."""
+
+    def __init__(self, *, redact: Any = None) -> None:
+        super().__init__(redact=None)
+
+
+async def test_given_a_log_that_knows_no_secret_when_a_run_logs_then_the_run_masks_its_lines() -> (
+    None
+):
+    # The process-wide redaction of the execution log searches once per set of secrets in
+    # flight; a run's lines are masked by the run's own redactor, as its events are.
+    h = harness(execlog_class=_KnowsNoSecret)
+    url = f"https://api.test/b?apikey={SECRET}"
+
+    await h.reporter.step_running("a", 1, T0)
+    await h.reporter.attempt_done(Attempt("a", 1, "GET", url, 5, status=200))
+    h.reporter.warn(f"something about {SECRET}", stepKey="a", detail=SECRET)
+
+    documents = json.dumps(h.execlog.documents, default=str)
+    assert len(h.execlog.documents) >= 2
+    assert SECRET not in documents
+    assert REDACTED in documents

@@ -47,8 +47,9 @@ class ExecutionLog(Protocol):
 
     async def startup(self) -> None: ...
 
-    def write(self, line: LogLine) -> None:
-        """Never blocks, never raises."""
+    def write(self, line: LogLine, redact: Redact | None = None) -> None:
+        """Never blocks, never raises. ``redact``: the run's own redaction, for a run's line, in
+        place of the log's own (which masks the secrets of every run in flight)."""
 
     def wants(self, level: Level) -> bool:
         """Whether a line of ``level`` would be kept: a writer skips building one that would

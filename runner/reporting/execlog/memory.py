@@ -31,9 +31,13 @@ class MemoryExecutionLog:
     def wants(self, level: Level) -> bool:
         return True
 
-    def write(self, line: LogLine) -> None:
+    def write(self, line: LogLine, redact: Redact | None = None) -> None:
         self.documents.append(
-            build_document(line, context_limit_bytes=self._context_limit_bytes, redact=self._redact)
+            build_document(
+                line,
+                context_limit_bytes=self._context_limit_bytes,
+                redact=redact or self._redact,
+            )
         )
 
     async def flush(self, timeout_s: float) -> None:

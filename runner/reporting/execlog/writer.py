@@ -110,13 +110,13 @@ class BufferedExecutionLog:
     def wants(self, level: Level) -> bool:
         return True
 
-    def write(self, line: LogLine) -> None:
+    def write(self, line: LogLine, redact: Redact | None = None) -> None:
         try:
             if self._closed:
                 self._dropped_after_close += 1
                 return
             doc = build_document(
-                line, context_limit_bytes=self._context_limit_bytes, redact=self._redact
+                line, context_limit_bytes=self._context_limit_bytes, redact=redact or self._redact
             )
             self._buffer.add(doc)
             self._idle.clear()
