@@ -519,16 +519,27 @@ def test_the_process_redactor_stays_while_runs_with_the_same_secrets_come_and_go
     assert after.text("tenant-key-1 process-secret") == f"tenant-key-1 {REDACTED}"
 
 
-def test_the_process_redactor_searches_the_runs_own_patterns_and_compiles_none() -> None:
+def test_the_process_redactor_is_made_of_what_the_runs_redactors_hold() -> None:
     registry = SecretRegistry()
     handles = [registry.register([f"tenant-{i}-key-value"], [f"X-Key-{i}"]) for i in range(3)]
+    short = registry.register(["pw"])
     combined = registry.redactor()
-    own = [registry.run_redactor(h)._secret_patterns[0] for h in handles]
-    assert len(combined._secret_patterns) == 3
-    assert all(any(p is q for q in combined._secret_patterns) for p in own)
-    assert combined.text("tenant-0-key-value tenant-2-key-value X-Key-1: v") == (
-        f"{REDACTED} {REDACTED} X-Key-1: {REDACTED}"
+    runs = [registry.run_redactor(h) for h in handles]
+    # Long secrets are plain text to search (nothing compiled); a short one's bounded pattern
+    # is the very one its run compiled.
+    assert all(run._secret_patterns == () for run in runs)
+    assert set(combined._secret_words) == {w for run in runs for w in run._secret_words}
+    (pattern,) = combined._secret_patterns
+    assert pattern is registry.run_redactor(short)._secret_patterns[0]
+    assert combined.text("pw, tenant-0-key-value tenant-2-key-value X-Key-1: v") == (
+        f"{REDACTED}, {REDACTED} {REDACTED} X-Key-1: {REDACTED}"
     )
+
+
+def test_where_forms_of_two_secrets_overlap_the_longer_is_masked() -> None:
+    redactor = Redactor(["abcdef", "abcdefghij"])
+    assert redactor.text("x abcdefghij y abcdef") == f"x {REDACTED} y {REDACTED}"
+    assert not redactor.is_clean("abcdefghi")
 
 
 _PART_A = Redactor(["alpha-secret-1", "xy"], ["X-One"])
