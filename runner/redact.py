@@ -546,24 +546,33 @@ class SecretRegistry:
 
     ``redactor()`` masks everything registered: made from those redactors without compiling
     (``Redactor.combined``), and made again only when a registration with other secrets or
-    names comes or the last with some goes."""
+    names comes or the last with some goes. ``minted_redactor()`` masks only what was
+    registered as ``minted``: the OAuth2 tokens the process refreshed, which a run of the same
+    connection must mask too although they came after its start."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[int, _Key] = {}
         self._next_handle = 0
         self._cached: Redactor | None = Redactor()
+        self._minted_cached: Redactor | None = Redactor()
         # (secrets, names) -> their redactor and how many registrations hold it
         self._held: dict[_Key, tuple[Redactor, int]] = {}
+        # the same, of the registrations made as minted: how many hold each
+        self._minted: dict[_Key, int] = {}
+        self._minted_handles: set[int] = set()
 
     def register(
         self,
         values: Iterable[str],
         sensitive_names: Iterable[str] = (),
         extra: Iterable[str] = (),
+        *,
+        minted: bool = False,
     ) -> int:
         """Hold ``values`` and ``sensitive_names`` (a run's; ``extra``: secrets its redactor
-        masks too, the process's own) until ``unregister``."""
+        masks too, the process's own) until ``unregister``. ``minted``: secrets the process
+        made, which runs already in flight must mask (``minted_redactor``)."""
         key = (
             frozenset(v for v in (*values, *extra) if v),
             frozenset(n.lower() for n in sensitive_names if n),
@@ -582,6 +591,12 @@ class SecretRegistry:
                 assert made is not None
                 self._held[key] = (made, 1)
                 self._cached = None
+            if minted:
+                self._minted_handles.add(self._next_handle)
+                users = self._minted.get(key, 0)
+                self._minted[key] = users + 1
+                if users == 0:
+                    self._minted_cached = None
             return self._next_handle
 
     def unregister(self, handle: int) -> None:
@@ -589,6 +604,13 @@ class SecretRegistry:
             key = self._entries.pop(handle, None)
             if key is None:
                 return
+            if handle in self._minted_handles:
+                self._minted_handles.discard(handle)
+                if self._minted[key] > 1:
+                    self._minted[key] -= 1
+                else:
+                    del self._minted[key]
+                    self._minted_cached = None
             redactor, users = self._held[key]
             if users > 1:
                 self._held[key] = (redactor, users - 1)
@@ -614,6 +636,12 @@ class SecretRegistry:
                 self._cached = Redactor.combined(r for r, _ in self._held.values())
             return self._cached
 
+    def minted_redactor(self) -> Redactor:
+        with self._lock:
+            if self._minted_cached is None:
+                self._minted_cached = Redactor.combined(self._held[k][0] for k in self._minted)
+            return self._minted_cached
+
 
 SECRETS = SecretRegistry()
 
@@ -629,27 +657,28 @@ def redact_exception_text(
 
 
 class LayeredRedactor:
-    """A run's own redactor, then the process-wide one: for runs whose secrets can change while
-    they run (an OAuth2 refresh registers the new tokens in ``SECRETS``)."""
+    """A run's own redactor, then the tokens the process minted: for runs whose secrets can
+    change while they run (an OAuth2 refresh registers the new tokens in ``SECRETS`` as
+    minted). Not every run's secrets: a search per set of them, in every event."""
 
     def __init__(self, own: Redactor, registry: SecretRegistry = SECRETS) -> None:
         self.own = own
         self.registry = registry
 
     def text(self, s: str) -> str:
-        return self.registry.redactor().text(self.own.text(s))
+        return self.registry.minted_redactor().text(self.own.text(s))
 
     def value(self, obj: Any) -> Any:
-        return self.registry.redactor().value(self.own.value(obj))
+        return self.registry.minted_redactor().value(self.own.value(obj))
 
     def json(self, obj: Any) -> bytes:
         return self.json_checked(obj)[0]
 
     def scrubbed(self, obj: Any) -> Any:
-        return self.registry.redactor().scrubbed(self.own.scrubbed(obj))
+        return self.registry.minted_redactor().scrubbed(self.own.scrubbed(obj))
 
     def json_checked(self, obj: Any) -> tuple[bytes, bool]:
-        shared = self.registry.redactor()
+        shared = self.registry.minted_redactor()
         raw = _json_encode(obj)
         text = raw.decode("utf-8", "replace")
         if self.own.is_clean(text) and shared.is_clean(text):
@@ -657,10 +686,10 @@ class LayeredRedactor:
         return _json_encode(shared.value(self.own.value(_json_decode(raw)))), False
 
     def json_around(self, obj: Any, clean: bytes) -> bytes:
-        """As ``Redactor.json_around`` for the run's own secrets; the process-wide ones are
-        searched in the whole, since a refreshed token may have joined them since ``clean``
-        was checked."""
-        shared = self.registry.redactor()
+        """As ``Redactor.json_around`` for the run's own secrets; the minted ones are searched
+        in the whole, since a refreshed token may have joined them since ``clean`` was
+        checked."""
+        shared = self.registry.minted_redactor()
         raw = _json_encode(obj)
         if self.own.is_clean_around(raw, clean) and shared.is_clean_json(raw):
             return raw

@@ -21,6 +21,7 @@ from runner.redact import (
     MIN_SUBSTRING_LEN,
     REDACTED,
     SECRETS,
+    LayeredRedactor,
     Redactor,
     SecretRegistry,
     redact_exception_text,
@@ -534,6 +535,24 @@ def test_the_process_redactor_is_made_of_what_the_runs_redactors_hold() -> None:
     assert combined.text("pw, tenant-0-key-value tenant-2-key-value X-Key-1: v") == (
         f"{REDACTED}, {REDACTED} {REDACTED} X-Key-1: {REDACTED}"
     )
+
+
+def test_a_layered_redactor_masks_the_tokens_minted_after_its_run_started() -> None:
+    # An OAuth2 run masks what it started with and every token the process refreshed since;
+    # not every other run's secrets, which would be a search per set of them in every event.
+    registry = SecretRegistry()
+    registry.register(["other-run-secret"])
+    layered = LayeredRedactor(Redactor(["own-secret-value"]), registry)
+    assert layered.json_checked({"t": "minted-token-value"})[1] is True
+
+    minted = registry.register(["minted-token-value"], minted=True)
+    assert layered.text("own-secret-value minted-token-value") == f"{REDACTED} {REDACTED}"
+    assert layered.json_checked({"t": "minted-token-value"})[1] is False
+    assert registry.minted_redactor().secrets == frozenset({"minted-token-value"})
+    assert "other-run-secret" in registry.redactor().secrets
+
+    registry.unregister(minted)
+    assert registry.minted_redactor().secrets == frozenset()
 
 
 def test_where_forms_of_two_secrets_overlap_the_longer_is_masked() -> None:

@@ -146,7 +146,7 @@ class HeldTokens:
             ]
             handles = self._registered.setdefault(key, deque())
             now = self._now_ms()
-            handles.append((now, self._registry.register(values)))
+            handles.append((now, self._registry.register(values, minted=True)))
             # A superseded token may still be on a request in flight, or echoed in a response
             # that arrives later, however often it was rotated since: keep masking it for the
             # retention window (longer than any run), then forget it.
