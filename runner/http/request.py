@@ -34,15 +34,25 @@ def path_params(endpoint_template: str) -> list[str]:
     return _PLACEHOLDER.findall(endpoint_template)
 
 
+# Credentials belong in a connection's secrets, which live for the run only; a URL is
+# configuration, checked once and remembered (``base_url_for``), and aiohttp would send its
+# userinfo as Basic auth behind the connection's back.
+_NO_USERINFO = "may not carry a user or password (user:password@): use a BASIC connection"
+
+
 @functools.lru_cache(maxsize=4096)
 def base_url_for(endpoint_template: str, base_url: str | None, where: str) -> str:
     """The URL prefix a step's endpoint hangs from, checked once per Action and connection
-    (remembered; a refusal is raised again each time)."""
-    scheme = urlsplit(endpoint_template).scheme
+    (remembered; a refusal is raised again each time). A URL with userinfo is refused before
+    it is remembered."""
+    template = urlsplit(endpoint_template)
+    scheme = template.scheme
     absolute = bool(scheme)
     if base_url is None:
         if absolute and scheme not in ("http", "https"):
             raise DefinitionError(f"{where}: endpointTemplate must be an http(s) URL")
+        if absolute and "@" in template.netloc:
+            raise DefinitionError(f"{where}: endpointTemplate {_NO_USERINFO}")
         if not absolute:
             raise DefinitionError(
                 f"{where}: endpointTemplate '{endpoint_template}' must be an absolute URL "
@@ -58,6 +68,8 @@ def base_url_for(endpoint_template: str, base_url: str | None, where: str) -> st
         raise DefinitionError(f"{where}: baseUrl must be an http(s) URL with a host")
     if parts.query or parts.fragment:
         raise DefinitionError(f"{where}: baseUrl may not carry a query or fragment")
+    if "@" in parts.netloc:
+        raise DefinitionError(f"{where}: baseUrl {_NO_USERINFO}")
     return base_url.rstrip("/")
 
 

@@ -264,3 +264,33 @@ async def test_templates_cannot_reach_outside_the_run_or_inject_headers_or_paths
         "/items/plain-data/detail",
     ]
     assert not any("Injected" in name for hit in api.hits for name in hit.headers)
+
+
+async def test_a_password_in_a_base_url_fails_the_run_before_any_request(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given an API, and a connection whose baseUrl carries a user and password (aiohttp would
+    # send them as Basic auth; the runner would remember the URL after the run)
+    api = Api(reply(200, {"ok": True}))
+    base = await serve(api.app())
+    await runner_process()
+    with_password = base.replace("://", "://svc:hunter2-pw@", 1)
+    jobs_out = [
+        job("run_userinfo", one_step("wfv_userinfo", with_password, {"path": {"id": "1"}}), {}),
+        job("run_after", one_step("wfv_after", base, {"path": {"id": "2"}}), {}),
+    ]
+
+    # When Node sends it, then a good one
+    jobs = await send_and_settle(redis, clean_queue, jobs_out)
+
+    # Then the run fails as DEFINITION_INVALID, saying where and not what, and is not retried
+    failed = jobs["run_userinfo"]
+    assert failed["state"] == "failed", failed
+    assert failed["failedReason"] == (
+        "DEFINITION_INVALID: $.actions.act: baseUrl may not carry a user or password "
+        "(user:password@): use a BASIC connection"
+    )
+    assert failed["attemptsMade"] == 1
+    # and the next job runs; only its request reached the API
+    assert jobs["run_after"]["state"] == "completed", jobs["run_after"]
+    assert [hit.path for hit in api.hits] == ["/items/2/detail"]

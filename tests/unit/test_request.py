@@ -183,6 +183,9 @@ def test_given_an_endpoint_without_a_leading_slash_when_joined_then_one_slash_se
     assert req.url == "https://api.test/api/v1/customers/x"
 
 
+_NO_USERINFO = "may not carry a user or password (user:password@): use a BASIC connection"
+
+
 @pytest.mark.parametrize(
     ("base", "fragment"),
     [
@@ -191,6 +194,8 @@ def test_given_an_endpoint_without_a_leading_slash_when_joined_then_one_slash_se
         ("ftp://api.test", "must be an http(s) URL with a host"),
         ("api.test", "must be an http(s) URL with a host"),
         ("https:///nohost", "must be an http(s) URL with a host"),
+        ("https://svc:hunter2@api.test/api", _NO_USERINFO),
+        ("https://svc@api.test", _NO_USERINFO),
     ],
 )
 def test_given_a_bad_base_url_when_checked_then_it_is_refused(base: str, fragment: str) -> None:
@@ -198,6 +203,16 @@ def test_given_a_bad_base_url_when_checked_then_it_is_refused(base: str, fragmen
         base_url_for("/x", base, "$.connections.c")
 
     assert info.value.message == f"$.connections.c: baseUrl {fragment}"
+    assert "hunter2" not in str(info.value)
+
+
+def test_given_an_absolute_endpoint_with_a_password_when_checked_then_it_is_refused() -> None:
+    # A URL is configuration and is remembered once checked: a password in it would outlive
+    # the run (CONTRACT §4), and aiohttp would send it as Basic auth unasked.
+    with pytest.raises(DefinitionError) as info:
+        base_url_for("https://svc:hunter2@api.test/x", None, "$.actions.a")
+
+    assert info.value.message == f"$.actions.a: endpointTemplate {_NO_USERINFO}"
 
 
 # --- query --------------------------------------------------------------------------------
