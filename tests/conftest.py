@@ -35,6 +35,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 pytest_plugins = ["tests.mongo_server"]
 
 
+@pytest.fixture(autouse=True)
+def _process_log_restored() -> Iterator[None]:
+    """The process log is one object: a test that configures it (building the runtime in
+    process does) must not leave its level, scrubber or fields to the tests after it."""
+    from runner.log import log
+
+    saved = (log.threshold, log.scrub, log.stream, dict(log.static))
+    yield
+    log.threshold, log.scrub, log.stream, log.static = saved
+
+
 @pytest.fixture
 def queue_name() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"

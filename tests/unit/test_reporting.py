@@ -546,22 +546,19 @@ async def test_given_an_execution_log_without_info_when_reported_then_no_info_li
 
 
 def test_the_stdout_execution_log_wants_info_lines_only_at_debug() -> None:
+    # The process log's level is restored after each test (tests/conftest.py).
     stdout_log = StdoutExecutionLog()
-    threshold = log.threshold
-    try:
-        log.threshold = LEVELS["info"]  # the default (an earlier test may have set another)
-        assert [stdout_log.wants(level) for level in ("debug", "info", "warning", "error")] == [
-            False,
-            False,
-            True,
-            True,
-        ]
-        log.threshold = LEVELS["debug"]  # RUNNER_LOG_LEVEL=debug
-        assert stdout_log.wants("info") and stdout_log.wants("debug")
-        log.threshold = LEVELS["error"]
-        assert not stdout_log.wants("warning") and stdout_log.wants("error")
-    finally:
-        log.threshold = threshold
+    assert log.threshold == LEVELS["info"]  # the default, whatever a test before set
+    assert [stdout_log.wants(level) for level in ("debug", "info", "warning", "error")] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    log.threshold = LEVELS["debug"]  # RUNNER_LOG_LEVEL=debug
+    assert stdout_log.wants("info") and stdout_log.wants("debug")
+    log.threshold = LEVELS["error"]
+    assert not stdout_log.wants("warning") and stdout_log.wants("error")
 
 
 async def test_given_a_retry_without_idempotency_when_reported_then_a_warning_is_logged() -> None:
