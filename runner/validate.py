@@ -315,7 +315,12 @@ class _Checker:
                 self.add(f"{where}.connectionId: connection '{connection.id}' has no baseUrl")
                 return
         try:
-            base_url_for(template, base, f"$.actions.{action.id}")
+            base_url_for(
+                template,
+                base,
+                f"$.actions.{action.id}",
+                f"$.connections.{step.connection_id}.config" if base is not None else None,
+            )
         except DefinitionError as err:
             self.add(err.message)
 

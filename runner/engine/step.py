@@ -64,7 +64,12 @@ def prepare_request(
         raise DefinitionError(
             f"{sp.where}.connectionId: connection '{connection.id}' has no baseUrl"
         )
-    base_url = base_url_for(sp.action.endpoint_template, base, f"$.actions.{sp.action.id}")
+    base_url = base_url_for(
+        sp.action.endpoint_template,
+        base,
+        f"$.actions.{sp.action.id}",
+        f"$.connections.{connection.id}.config" if connection else None,
+    )
     extra = {}
     if sp.action.idempotency_header:
         extra[sp.action.idempotency_header] = idempotency_key(ctx.run_id, sp.key)

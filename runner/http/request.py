@@ -41,10 +41,13 @@ _NO_USERINFO = "may not carry a user or password (user:password@): use a BASIC c
 
 
 @functools.lru_cache(maxsize=4096)
-def base_url_for(endpoint_template: str, base_url: str | None, where: str) -> str:
+def base_url_for(
+    endpoint_template: str, base_url: str | None, where: str, base_where: str | None = None
+) -> str:
     """The URL prefix a step's endpoint hangs from, checked once per Action and connection
     (remembered; a refusal is raised again each time). A URL with userinfo is refused before
-    it is remembered."""
+    it is remembered. ``where`` names the Action, ``base_where`` the connection (``where``
+    when not given)."""
     template = urlsplit(endpoint_template)
     scheme = template.scheme
     absolute = bool(scheme)
@@ -63,6 +66,7 @@ def base_url_for(endpoint_template: str, base_url: str | None, where: str) -> st
         raise DefinitionError(
             f"{where}: endpointTemplate must be relative to the connection's baseUrl"
         )
+    where = base_where or where
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise DefinitionError(f"{where}: baseUrl must be an http(s) URL with a host")

@@ -283,11 +283,12 @@ async def test_a_password_in_a_base_url_fails_the_run_before_any_request(
     # When Node sends it, then a good one
     jobs = await send_and_settle(redis, clean_queue, jobs_out)
 
-    # Then the run fails as DEFINITION_INVALID, saying where and not what, and is not retried
+    # Then the run fails as DEFINITION_INVALID, naming the connection and not the password,
+    # and is not retried
     failed = jobs["run_userinfo"]
     assert failed["state"] == "failed", failed
     assert failed["failedReason"] == (
-        "DEFINITION_INVALID: $.actions.act: baseUrl may not carry a user or password "
+        "DEFINITION_INVALID: $.connections.conn.config: baseUrl may not carry a user or password "
         "(user:password@): use a BASIC connection"
     )
     assert failed["attemptsMade"] == 1

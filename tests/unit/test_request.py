@@ -206,6 +206,16 @@ def test_given_a_bad_base_url_when_checked_then_it_is_refused(base: str, fragmen
     assert "hunter2" not in str(info.value)
 
 
+def test_given_where_the_base_url_comes_from_when_refused_then_that_is_named() -> None:
+    with pytest.raises(DefinitionError) as info:
+        base_url_for("/x", "https://svc:hunter2@api.test", "$.actions.a", "$.connections.c.config")
+    assert info.value.message == f"$.connections.c.config: baseUrl {_NO_USERINFO}"
+
+    with pytest.raises(DefinitionError) as info:  # the endpoint is the Action's
+        base_url_for("https://api.test/x", "https://api.test", "$.actions.a", "$.connections.c")
+    assert info.value.message.startswith("$.actions.a: endpointTemplate")
+
+
 def test_given_an_absolute_endpoint_with_a_password_when_checked_then_it_is_refused() -> None:
     # A URL is configuration and is remembered once checked: a password in it would outlive
     # the run (CONTRACT §4), and aiohttp would send it as Basic auth unasked.

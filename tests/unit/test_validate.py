@@ -288,6 +288,18 @@ CATALOGUE: list[tuple[str, dict[str, Any], list[str]]] = [
         ["$.actions.act_get_ticket: endpointTemplate must be relative to the connection's baseUrl"],
     ),
     (
+        "a password in a connection's baseUrl",
+        broken(
+            lambda d: d["connections"]["conn_crm"]["config"].update(
+                baseUrl="https://svc:pw-123@crm.example"
+            )
+        ),
+        [
+            "$.connections.conn_crm.config: baseUrl may not carry a user or password "
+            "(user:password@): use a BASIC connection"
+        ],
+    ),
+    (
         "timeout of zero",
         broken(lambda d: step(d, 2).update(timeoutMs=0)),
         ["$.graph.steps[2].timeoutMs: must be above 0"],
