@@ -538,11 +538,10 @@ _Key = tuple[frozenset[str], frozenset[str]]
 class SecretRegistry:
     """Secrets of every run in flight in this process. Thread-safe: the logger may run anywhere.
 
-    Each registration's secrets and names get a ``Redactor`` (``run_redactor``), compiled when
+    Each registration's secrets and names get a ``Redactor`` (``run_redactor``), built when
     they are first registered and shared by every registration with the same, then forgotten
     with the last of them, so that secrets stay in memory only while a run that has them is in
-    flight (CONTRACT §4). Compiling one costs more than a run's status writes: runs of one
-    connection share it.
+    flight (CONTRACT §4). Runs of one connection build it once.
 
     ``redactor()`` masks everything registered: made from those redactors without compiling
     (``Redactor.combined``), and made again only when a registration with other secrets or
@@ -579,7 +578,7 @@ class SecretRegistry:
         )
         with self._lock:
             found = self._held.get(key)
-        # Compiled outside the lock, which the logger may be waiting on.
+        # Built outside the lock, which the logger may be waiting on.
         made = Redactor(key[0], key[1]) if found is None else None
         with self._lock:
             self._next_handle += 1
