@@ -354,8 +354,7 @@ class Redactor:
 
     def text(self, s: str) -> str:
         for word in self._secret_words:
-            if word in s:
-                s = s.replace(word, REDACTED)
+            s = s.replace(word, REDACTED)  # one scan; the same string back when it is absent
         for pattern in self._secret_patterns:
             s = pattern.sub(REDACTED, s)
         if self._may_name(s.lower()):
@@ -535,6 +534,16 @@ def _mask_named_value(match: re.Match[str]) -> str:
 _Key = tuple[frozenset[str], frozenset[str]]
 
 
+def _counted(counts: dict[_Key, int], key: _Key, delta: int) -> bool:
+    """Count a registration of ``key`` in (1) or out (-1); whether ``key`` came or went."""
+    users = counts.get(key, 0) + delta
+    if users:
+        counts[key] = users
+    else:
+        del counts[key]
+    return users == (1 if delta > 0 else 0)
+
+
 class SecretRegistry:
     """Secrets of every run in flight in this process. Thread-safe: the logger may run anywhere.
 
@@ -551,15 +560,15 @@ class SecretRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[int, _Key] = {}
+        # handle -> its (secrets, names) and whether they were minted
+        self._entries: dict[int, tuple[_Key, bool]] = {}
         self._next_handle = 0
         self._cached: Redactor | None = Redactor()
         self._minted_cached: Redactor | None = Redactor()
-        # (secrets, names) -> their redactor and how many registrations hold it
-        self._held: dict[_Key, tuple[Redactor, int]] = {}
-        # the same, of the registrations made as minted: how many hold each
+        self._redactors: dict[_Key, Redactor] = {}
+        # how many registrations hold each (secrets, names); of them, how many as minted
+        self._users: dict[_Key, int] = {}
         self._minted: dict[_Key, int] = {}
-        self._minted_handles: set[int] = set()
 
     def register(
         self,
@@ -577,68 +586,55 @@ class SecretRegistry:
             frozenset(n.lower() for n in sensitive_names if n),
         )
         with self._lock:
-            found = self._held.get(key)
+            held = key in self._redactors
         # Built outside the lock, which the logger may be waiting on.
-        made = Redactor(key[0], key[1]) if found is None else None
+        made = None if held else Redactor(key[0], key[1])
         with self._lock:
             self._next_handle += 1
-            self._entries[self._next_handle] = key
-            found = self._held.get(key)
-            if found is not None:
-                self._held[key] = (found[0], found[1] + 1)
-            else:
+            self._entries[self._next_handle] = (key, minted)
+            if key not in self._redactors:
                 assert made is not None
-                self._held[key] = (made, 1)
+                self._redactors[key] = made
+            if _counted(self._users, key, 1):
                 self._cached = None
-            if minted:
-                self._minted_handles.add(self._next_handle)
-                users = self._minted.get(key, 0)
-                self._minted[key] = users + 1
-                if users == 0:
-                    self._minted_cached = None
+            if minted and _counted(self._minted, key, 1):
+                self._minted_cached = None
             return self._next_handle
 
     def unregister(self, handle: int) -> None:
         with self._lock:
-            key = self._entries.pop(handle, None)
-            if key is None:
+            entry = self._entries.pop(handle, None)
+            if entry is None:
                 return
-            if handle in self._minted_handles:
-                self._minted_handles.discard(handle)
-                if self._minted[key] > 1:
-                    self._minted[key] -= 1
-                else:
-                    del self._minted[key]
-                    self._minted_cached = None
-            redactor, users = self._held[key]
-            if users > 1:
-                self._held[key] = (redactor, users - 1)
-            else:
-                del self._held[key]
+            key, minted = entry
+            if _counted(self._users, key, -1):
+                del self._redactors[key]
                 self._cached = None
+            if minted and _counted(self._minted, key, -1):
+                self._minted_cached = None
 
     def run_redactor(self, handle: int) -> Redactor:
         """The redactor of the registration ``handle``: its secrets, its ``extra`` ones and
         its names, shared with every registration that has the same."""
         with self._lock:
-            return self._held[self._entries[handle]][0]
+            return self._redactors[self._entries[handle][0]]
 
     @property
     def shared(self) -> int:
         """Redactors held, one per set of secrets and names (for tests)."""
         with self._lock:
-            return len(self._held)
+            return len(self._redactors)
 
     def redactor(self) -> Redactor:
         with self._lock:
             if self._cached is None:
-                self._cached = Redactor.combined(r for r, _ in self._held.values())
+                self._cached = Redactor.combined(self._redactors.values())
             return self._cached
 
     def minted_redactor(self) -> Redactor:
         with self._lock:
             if self._minted_cached is None:
-                self._minted_cached = Redactor.combined(self._held[k][0] for k in self._minted)
+                self._minted_cached = Redactor.combined(self._redactors[k] for k in self._minted)
             return self._minted_cached
 
 

@@ -115,8 +115,7 @@ class RunService:
             secrets = secrets_for_run(plan, creds)
             values, names = _secret_material(connections.values(), creds.secrets.values())
             handle = SECRETS.register(values, names, extra=self.process_secrets)
-            if values or names:
-                redactor = SECRETS.run_redactor(handle)
+            redactor = SECRETS.run_redactor(handle)
             # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
             reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
