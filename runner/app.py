@@ -29,6 +29,7 @@ from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
 from runner.log import log
+from runner.metrics import RunnerMetrics
 from runner.queue import packing
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
@@ -58,9 +59,12 @@ class Runtime:
     definitions: DefinitionStore
     tokens: OAuth2TokenManager
     telemetry: telemetry.Telemetry
+    metrics: RunnerMetrics | None = None
 
     async def close(self) -> None:
         await self.cancels.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         with contextlib.suppress(Exception):
             # A rotated refresh token whose report failed gets one more try.
             await self.tokens.flush_reports()
@@ -135,7 +139,12 @@ async def build(settings: Settings) -> Runtime:
     else:
         execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().scrubbed(value))
     definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
-    tel = telemetry.from_env(os.environ, queue_name=settings.queue)
+    tel = telemetry.from_env(
+        os.environ,
+        queue_name=settings.queue,
+        worker_name=settings.name,
+        prometheus=bool(settings.health_port),
+    )
     cancels = CancelWatch(
         RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s), keys
     )
@@ -161,7 +170,8 @@ async def build(settings: Settings) -> Runtime:
         process_secrets=process_secrets,
         telemetry=tel,
     )
-    worker = QueueWorker(settings, service.handle)
+    metrics = RunnerMetrics(tel, redis, queue_base=keys.base, concurrency=settings.concurrency)
+    worker = QueueWorker(settings, metrics.wrap(service.handle))
     return Runtime(
         settings=settings,
         redis=redis,
@@ -175,6 +185,7 @@ async def build(settings: Settings) -> Runtime:
         definitions=definitions,
         tokens=tokens,
         telemetry=tel,
+        metrics=metrics,
     )
 
 
@@ -218,6 +229,8 @@ async def serve(settings: Settings) -> int:
         return 1
     await runtime.execlog.startup()
     runtime.cancels.start()
+    if runtime.metrics is not None:
+        runtime.metrics.start()
     tune_collector()
     await runtime.worker.start()
     log.info(

@@ -94,6 +94,9 @@ class ConnectionConfig(Wire, frozen=True):
     scope: str | None = None
     client_auth: Literal["body", "basic"] = "body"
     ca_bundle: str | None = None
+    # Send W3C trace context (traceparent, tracestate) when tracing is on; false for an API
+    # that rejects headers it does not know.
+    propagate_trace: bool = True
 
 
 class Connection(Wire, frozen=True):

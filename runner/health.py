@@ -1,5 +1,6 @@
 """Optional probes for Kubernetes: ``/healthz`` (the worker loop is alive) and ``/readyz``
-(Redis answers). Served on ``RUNNER_HEALTH_PORT`` when it is set."""
+(Redis answers), and ``/metrics`` for Prometheus (every instrument, the queue's depth read at the
+scrape). Served on ``RUNNER_HEALTH_PORT`` when it is set."""
 
 from __future__ import annotations
 
@@ -32,12 +33,20 @@ async def serve_health(port: int, runtime: Runtime, host: str = "0.0.0.0") -> we
             return web.json_response({"redis": type(err).__name__}, status=503)
         return web.json_response({"redis": "ok"})
 
+    async def metrics(_: web.Request) -> web.Response:
+        scraped = await runtime.metrics.scrape() if runtime.metrics is not None else None
+        if scraped is None:
+            return web.json_response({"metrics": "off"}, status=404)
+        body, content_type = scraped
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     async def close_probe(_: web.Application) -> None:
         await probe.aclose()
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.on_cleanup.append(close_probe)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

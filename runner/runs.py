@@ -82,6 +82,7 @@ class RunService:
     async def handle(self, job: Any, token: str) -> dict[str, Any]:
         data = self.decode(job)
         opts = job.opts or {}
+        started_ms = self.clock.now_ms()
         with self.telemetry.run_span(
             carrier_json=opts.get("tm"),
             run_id=data.workflow_run_id,
@@ -93,6 +94,7 @@ class RunService:
             outcome, redactor = await self._run(job, data, span)
             if outcome.status != "DEFERRED":
                 span.end(outcome.status, str(outcome.error.code) if outcome.error else None)
+                _log_run_end(job, data, outcome, self.clock.now_ms() - started_ms)
         if outcome.status == "DEFERRED":
             await self._defer(job, token, data, outcome)
         return self._settle(data, outcome, redactor)
@@ -281,6 +283,22 @@ def _secret_material(connections: Any, secret_values_: Any) -> tuple[list[str], 
         values.extend(secret_values(conn))
         names.extend(sensitive_names(conn))
     return values, names
+
+
+def _log_run_end(job: Any, data: JobData, outcome: RunOutcome, duration_ms: int) -> None:
+    """The one info line per run end: what an operator greps for first."""
+    log.info(
+        "run.finished",
+        runId=data.workflow_run_id,
+        tenantId=data.tenant_id,
+        jobId=str(job.id),
+        status=outcome.status,
+        errorCode=str(outcome.error.code) if outcome.error is not None else None,
+        durationMs=duration_ms,
+        steps=len(outcome.steps),
+        attempts=sum(s.attempts for s in outcome.steps.values()),
+        jobAttempt=int(job.attemptsMade or 0) + 1,
+    )
 
 
 def _attempts_left(job: Any) -> bool:

@@ -107,6 +107,21 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
+def _with_trace_context(
+    request: HttpRequest, trace: AttemptSpan, connection: Connection | None
+) -> HttpRequest:
+    """The request with ``traceparent``/``tracestate`` naming this attempt's span (tracing on),
+    unless its connection opts out (``config.propagateTrace: false``) or the step sets its own."""
+    if connection is not None and not connection.config.propagate_trace:
+        return request
+    headers = trace.headers()
+    if not headers or any(k.lower() == "traceparent" for k in request.headers):
+        return request
+    for name, value in headers.items():
+        request = request.with_header(name, value)
+    return request
+
+
 def _connection_of(sp: StepPlan, ctx: RunContext) -> Connection | None:
     cid = sp.step.connection_id
     if cid is None:
@@ -189,7 +204,7 @@ async def run_attempts(
             outcome = await _attempt(
                 sp,
                 ctx,
-                request,
+                _with_trace_context(request, trace, connection),
                 connection=connection,
                 transport=transport,
                 reporter=reporter,

@@ -146,7 +146,7 @@ class QueueWorker:
             # Never let a cancellation reach the worker loop: it would end it silently.
             raise RuntimeError("INTERNAL: the run was interrupted") from None
         except Exception as err:
-            log.error("job.internal_error", jobId=job.id, error=type(err).__name__)
+            log.internal_error("job.internal_error", err, jobId=job.id)
             raise RuntimeError(f"INTERNAL: {type(err).__name__}") from None
 
     def _on_error(self, err: Any, *args: Any) -> None:

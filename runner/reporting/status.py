@@ -23,6 +23,7 @@ import msgspec
 from runner.contract import RunEvent, StepEvent
 from runner.engine.ports import Attempt, RunStatus, StepResult
 from runner.errors import RunnerError
+from runner.log import log
 from runner.reporting.execlog import ExecutionLog, Level, LogLine
 from runner.reporting.stream import RunState, Transition
 
@@ -414,6 +415,7 @@ class RunReporter:
                 step_key=step_key,
                 step_run_id=f"{self.run_id}:{step_key}" if step_key else None,
                 attempt=attempt,
+                trace_ids=log.trace_ids(),
             ),
             self.redact.scrubbed,
         )

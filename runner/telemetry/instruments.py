@@ -3,16 +3,23 @@
 Metrics: ``workflow.runs`` {workflow.run.status, error.type}, ``workflow.step.duration`` (ms)
 {workflow.step.status, error.type}, ``workflow.step.attempts``, ``workflow.step.retries`` (every
 attempt after the first), ``workflow.queue.wait`` (ms, from the job's timestamp to its start).
+Beside them, for dashboards built for other tools: ``http.client.request.duration`` (s, the HTTP
+client semantic convention and its attributes), BullMQ's own names as its Node telemetry records
+them (``bullmq.jobs.completed|failed|delayed|retried`` {bullmq.queue.name, bullmq.job.name,
+bullmq.job.state}, ``bullmq.job.duration`` in ms as BullMQ has it, and the gauge
+``bullmq.queue.jobs`` {bullmq.queue.name, bullmq.queue.jobs.state}), and the gauges
+``workflow.runs.active`` and ``workflow.worker.slots.free``. docs/operations.md lists them all.
 Attributes on metrics are low-cardinality: no run, tenant or step ids. OpenTelemetry is imported
-only when ``Instruments`` is built, that is only when telemetry is on.
+only when ``Instruments`` is built, that is only when telemetry or /metrics is on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import Counter, Histogram
+    from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Status, Tracer
@@ -25,16 +32,48 @@ DURATION_BUCKETS_MS = (
 )  # fmt: skip
 
 
+# The HTTP client semantic convention's advisory buckets, in seconds.
+HTTP_DURATION_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+# BullMQ's job outcome counters, by the state its Node Job.recordJobMetrics names.
+JOB_COUNTERS = {
+    "completed": "bullmq.jobs.completed",
+    "failed": "bullmq.jobs.failed",
+    "delayed": "bullmq.jobs.delayed",
+    "retried": "bullmq.jobs.retried",
+}
+
+
+class GaugeSource:
+    """What the observable gauges read at each collection: values a timer or a scrape keeps
+    fresh (``runner.metrics``), so a collection never does I/O."""
+
+    def __init__(self) -> None:
+        self.queue_counts: Mapping[str, int] = {}
+        self.active: Callable[[], int] = lambda: 0
+        self.free_slots: Callable[[], int] = lambda: 0
+
+
 class Instruments:
     """The OpenTelemetry API objects the spans use, looked up once."""
 
-    def __init__(self, tracer_provider: TracerProvider, meter_provider: MeterProvider) -> None:
+    def __init__(
+        self,
+        tracer_provider: TracerProvider,
+        meter_provider: MeterProvider,
+        queue_name: str = "workflow-runs",
+    ) -> None:
         from opentelemetry import context, propagate, trace
+        from opentelemetry.metrics import Observation
 
         self.tracer: Tracer = tracer_provider.get_tracer(INSTRUMENTATION_SCOPE)
         self.trace = trace
         self.context = context
         self.extract = propagate.extract
+        self.inject = propagate.inject
+        self.queue_name = queue_name
+        self.gauges = GaugeSource()
         meter = meter_provider.get_meter(INSTRUMENTATION_SCOPE)
         self.runs: Counter = meter.create_counter(
             "workflow.runs", unit="{run}", description="Runs finished, by final status."
@@ -58,6 +97,50 @@ class Instruments:
             unit="ms",
             description="Time a job waited in the queue, from its timestamp to its start.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_MS,
+        )
+
+        self.http_duration: Histogram = meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of HTTP client requests.",
+            explicit_bucket_boundaries_advisory=HTTP_DURATION_BUCKETS_S,
+        )
+        self.jobs: dict[str, Counter] = {
+            state: meter.create_counter(name, unit="1", description=f"Number of jobs {state}")
+            for state, name in JOB_COUNTERS.items()
+        }
+        self.job_duration: Histogram = meter.create_histogram(
+            "bullmq.job.duration",
+            unit="ms",
+            description="Job processing duration",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_MS,
+        )
+        gauges = self.gauges
+        queue_attr = {"bullmq.queue.name": queue_name}
+
+        def queue_jobs(_: CallbackOptions) -> list[Observation]:
+            return [
+                Observation(count, {**queue_attr, "bullmq.queue.jobs.state": state})
+                for state, count in gauges.queue_counts.items()
+            ]
+
+        meter.create_observable_gauge(
+            "bullmq.queue.jobs",
+            [queue_jobs],
+            unit="{jobs}",
+            description="Number of jobs in the queue by state",
+        )
+        meter.create_observable_gauge(
+            "workflow.runs.active",
+            [lambda _: [Observation(gauges.active(), queue_attr)]],
+            unit="{run}",
+            description="Runs in flight in this worker process.",
+        )
+        meter.create_observable_gauge(
+            "workflow.worker.slots.free",
+            [lambda _: [Observation(gauges.free_slots(), queue_attr)]],
+            unit="{slot}",
+            description="Job slots free in this worker process (concurrency minus runs in flight).",
         )
 
     def error_status(self, description: str) -> Status:

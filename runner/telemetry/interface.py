@@ -20,6 +20,10 @@ class AttemptSpan(Protocol):
         """The attempt failed with ``error_code``; ``retry_delay_ms`` is set when another
         attempt follows after that delay."""
 
+    def headers(self) -> dict[str, str]:
+        """The W3C trace context headers (``traceparent``, ``tracestate``) naming this attempt,
+        to send with its request; empty when tracing is off."""
+
 
 class StepSpan(Protocol):
     def attempt(
@@ -42,6 +46,22 @@ class RunSpan(Protocol):
 class Telemetry(Protocol):
     @property
     def enabled(self) -> bool: ...
+
+    @property
+    def tracing(self) -> bool:
+        """Spans are recorded and exported (not only metrics)."""
+
+    def job_finished(self, state: str, job_name: str, duration_ms: int) -> None:
+        """A delivery of a job ended as ``state`` (BullMQ's: completed, failed, delayed,
+        retried); records ``bullmq.jobs.<state>`` and ``bullmq.job.duration``."""
+
+    def bind_gauges(self, queue_counts: Any, active: Any, free_slots: Any) -> None:
+        """What the gauges read: a mapping state → count kept fresh by the caller, and two
+        callables for the runs in flight and the free slots."""
+
+    def prometheus_text(self) -> tuple[bytes, str] | None:
+        """The Prometheus exposition of every instrument and its content type; ``None`` when
+        the Prometheus reader is not installed."""
 
     def run_span(
         self,
@@ -93,6 +113,9 @@ class _NoopSpan:
     def end(self, status: str, *args: Any) -> None:
         return None
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
 
 _NOOP_SPAN = _NoopSpan()
 # The no-op run span, for code that runs without telemetry (tests, the engine's default).
@@ -106,6 +129,19 @@ class _NoopTelemetry:
     @property
     def enabled(self) -> bool:
         return False
+
+    @property
+    def tracing(self) -> bool:
+        return False
+
+    def job_finished(self, state: str, job_name: str, duration_ms: int) -> None:
+        return None
+
+    def bind_gauges(self, queue_counts: Any, active: Any, free_slots: Any) -> None:
+        return None
+
+    def prometheus_text(self) -> tuple[bytes, str] | None:
+        return None
 
     def run_span(
         self,

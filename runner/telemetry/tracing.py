@@ -1,7 +1,7 @@
 """The spans of an enabled telemetry: the run, its steps, and each step's HTTP attempts.
 
-``workflow_run {versionId}`` (CONSUMER, child of the producer's span found in the job's ``tm``
-carrier, CONTRACT §2) → ``step {key}`` (INTERNAL) → ``{METHOD}`` (CLIENT, HTTP client semantic
+``process {queue}`` (CONSUMER, BullMQ's name and ``bullmq.*`` attributes beside ``messaging.*`` and
+``workflow.*``; child of the producer's span found in the job's ``tm`` carrier, CONTRACT §2) → ``step {key}`` (INTERNAL) → ``{METHOD}`` (CLIENT, HTTP client semantic
 conventions). Each child names its parent explicitly, so parallel DAG steps running as separate
 asyncio tasks nest correctly whatever the current context of the task is. Ending a span records
 its metric. Spans never hold a secret: no header, no body, no exception message (only its type),
@@ -12,6 +12,7 @@ redacted.
 from __future__ import annotations
 
 import json
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -59,6 +60,8 @@ def _url_attributes(method: str, url_redacted: str) -> dict[str, str | int]:
     # credentials travel (API keys in ?api_key=, https://user:pass@host).
     host_port = parts.netloc.rpartition("@")[2]
     attrs["url.full"] = f"{parts.scheme}://{host_port}{parts.path}"
+    if parts.scheme:
+        attrs["url.scheme"] = parts.scheme.lower()
     if parts.hostname:
         attrs["server.address"] = parts.hostname
     if port is None:
@@ -130,21 +133,64 @@ class _Scope:
         span.set_status(self._otel.error_status(error_type))
 
 
+# The attributes ``http.client.request.duration`` carries (the convention's, low-cardinality).
+_HTTP_METRIC_ATTRIBUTES = ("http.request.method", "server.address", "server.port", "url.scheme")
+
+
 class _OtelAttempt(_Scope):
     """One HTTP attempt (CLIENT); the first failure seen (an error status, the runner's error
-    code, an exception) is the one it records."""
+    code, an exception) is the one it records. Leaving it records ``http.client.request.duration``
+    in seconds."""
 
-    __slots__ = ("_attrs",)
+    __slots__ = ("_attrs", "_error_type", "_started", "_status")
 
     def __init__(self, otel: Instruments, parent: Context, attrs: dict[str, str | int]) -> None:
         super().__init__(otel, parent)
         self._attrs = attrs
+        self._started = 0.0
+        self._status: int | None = None
+        self._error_type: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """``traceparent`` (and ``tracestate``) naming this attempt's span, for the request."""
+        span = self._span
+        assert span is not None, "headers() outside the attempt's with-block"
+        if not span.is_recording():
+            return {}  # tracing off (metrics only): nothing to join
+        carrier: dict[str, str] = {}
+        self._otel.inject(carrier, context=self._otel.trace.set_span_in_context(span))
+        return carrier
+
+    def _fail(self, span: Span, error_type: str) -> None:
+        super()._fail(span, error_type)
+        if self._error_type is None:
+            self._error_type = error_type
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            super().__exit__(exc_type, exc, tb)
+        finally:
+            attrs: dict[str, str | int] = {
+                k: self._attrs[k] for k in _HTTP_METRIC_ATTRIBUTES if k in self._attrs
+            }
+            if self._status is not None:
+                attrs["http.response.status_code"] = self._status
+            error_type = self._error_type or (exc_type.__qualname__ if exc_type else None)
+            if error_type is not None:
+                attrs["error.type"] = error_type
+            self._otel.http_duration.record(max(time.perf_counter() - self._started, 0.0), attrs)
 
     def __enter__(self) -> _OtelAttempt:
         otel = self._otel
         name = str(self._attrs["http.request.method"])
         kind = otel.trace.SpanKind.CLIENT
         self._open("HTTP" if name == "_OTHER" else name, kind, self._attrs)
+        self._started = time.perf_counter()
         otel.attempts.add(1)
         if int(self._attrs.get("http.request.resend_count", 0)) > 0:
             otel.retries.add(1)
@@ -154,6 +200,7 @@ class _OtelAttempt(_Scope):
         span = self._span
         assert span is not None
         span.set_attribute("http.response.status_code", status_code)
+        self._status = status_code
         if status_code >= 400:
             self._fail(span, str(status_code))
 

@@ -232,7 +232,7 @@ class Recorded:
         tracer_provider = TracerProvider()
         tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
         self.telemetry = SdkTelemetry(
-            tracer_provider, MeterProvider(metric_readers=[self.metrics]), "q-1"
+            tracer_provider, MeterProvider(metric_readers=[self.metrics]), "q-1", worker_name="w-1"
         )
 
     def by_name(self) -> dict[str, ReadableSpan]:
@@ -290,7 +290,7 @@ async def test_parallel_steps_nest_under_their_run_and_attempts_under_their_step
     spans = recorded.spans.get_finished_spans()
     assert {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
     (run_span,) = [s for s in spans if s.kind is SpanKind.CONSUMER]
-    assert run_span.name == "workflow_run wfv_1"
+    assert run_span.name == "process q-1"
     assert run_span.parent is not None and run_span.parent.span_id == int(PRODUCER_SPAN_ID, 16)
     assert run_span.parent.is_remote
     steps = {s.name: s for s in spans if s.kind is SpanKind.INTERNAL}
@@ -326,9 +326,15 @@ async def test_run_span_attributes_and_metrics(recorded: Recorded) -> None:
         run.end("FAILED", "TIMEOUT")
 
     spans = recorded.by_name()
-    run_span = spans["workflow_run wfv_1"]
+    run_span = spans["process q-1"]
     assert run_span.parent is None  # no carrier: a new trace
     assert dict(run_span.attributes or {}) == {
+        # BullMQ's own (Node Worker.processJob), for dashboards built on Node workers.
+        "bullmq.queue.name": "q-1",
+        "bullmq.queue.operation": "process",
+        "bullmq.worker.name": "w-1",
+        "bullmq.job.id": "run_1",
+        "bullmq.job.name": "workflow_run",
         "messaging.system": "bullmq",
         "messaging.operation.type": "process",
         "messaging.destination.name": "q-1",
@@ -353,6 +359,7 @@ async def test_run_span_attributes_and_metrics(recorded: Recorded) -> None:
         "url.full": "https://api.test/x",
         "server.address": "api.test",
         "server.port": 443,
+        "url.scheme": "https",
         "http.response.status_code": 503,
         "error.type": "503",
         "workflow.error_code": "HTTP_ERROR",
@@ -363,6 +370,7 @@ async def test_run_span_attributes_and_metrics(recorded: Recorded) -> None:
         "url.full": "https://api.test/x",
         "server.address": "api.test",
         "server.port": 443,
+        "url.scheme": "https",
         "http.request.resend_count": 1,
         "error.type": "TIMEOUT",
         "workflow.error_code": "TIMEOUT",
@@ -380,6 +388,21 @@ async def test_run_span_attributes_and_metrics(recorded: Recorded) -> None:
     }
     assert durations == {"FAILED": (1, 1500), "CANCELED": (1, 0)}
     assert [(p.count, p.sum) for p in points["workflow.queue.wait"]] == [(1, 250)]
+    # The HTTP client semantic convention's metric, in seconds, one point per attempt outcome.
+    http = {
+        tuple(sorted(dict(p.attributes).items())): p.count
+        for p in points["http.client.request.duration"]
+    }
+    base = {
+        "http.request.method": "POST",
+        "server.address": "api.test",
+        "server.port": 443,
+        "url.scheme": "https",
+    }
+    assert http == {
+        tuple(sorted({**base, "http.response.status_code": 503, "error.type": "503"}.items())): 1,
+        tuple(sorted({**base, "error.type": "TIMEOUT"}.items())): 1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -393,6 +416,7 @@ async def test_run_span_attributes_and_metrics(recorded: Recorded) -> None:
                 "url.full": "https://api.test:8443/v1/c",
                 "server.address": "api.test",
                 "server.port": 8443,
+                "url.scheme": "https",
             },
         ),
         (
@@ -403,6 +427,7 @@ async def test_run_span_attributes_and_metrics(recorded: Recorded) -> None:
                 "url.full": "http://[::1]/x",
                 "server.address": "::1",
                 "server.port": 80,
+                "url.scheme": "http",
             },
         ),
         (

@@ -40,6 +40,8 @@ class LogLine(msgspec.Struct, kw_only=True, frozen=True):
     step_key: str | None = None
     step_run_id: str | None = None
     attempt: int | None = None
+    # (trace_id, span_id) of the span current when the line was made, when tracing is on.
+    trace_ids: tuple[str, str] | None = None
 
 
 class ExecutionLog(Protocol):
@@ -166,7 +168,7 @@ def build_document(
         # Never log what could not be redacted; say so instead.
         context = {"contextError": type(exc).__name__}
         message = "<log line could not be redacted or encoded>"
-    return {
+    document: Document = {
         "_id": ObjectId(),
         "tenantId": line.tenant_id,
         "workflowRunId": line.workflow_run_id,
@@ -180,3 +182,6 @@ def build_document(
         "jobId": line.job_id,
         "workerId": line.worker_id,
     }
+    if line.trace_ids is not None:
+        document["traceId"], document["spanId"] = line.trace_ids
+    return document
