@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -210,9 +211,14 @@ async def test_runner_spans_continue_the_node_producers_trace(
     attempts = sorted(by_kind[Span.SPAN_KIND_CLIENT], key=lambda s: s.start_time_unix_nano)
     assert len(attempts) == 2
 
-    assert run_span.name == "workflow_run wfv_otel"
+    assert run_span.name == f"process {clean_queue}"
     assert run_span.parent_span_id.hex() == producer_span["spanId"]
     assert _attrs(run_span) | {"workflow.queue_wait_ms": None} == {
+        "bullmq.queue.name": clean_queue,
+        "bullmq.queue.operation": "process",
+        "bullmq.worker.name": "",
+        "bullmq.job.id": run_id,
+        "bullmq.job.name": "workflow_run",
         "messaging.system": "bullmq",
         "messaging.operation.type": "process",
         "messaging.destination.name": clean_queue,
@@ -260,14 +266,17 @@ async def test_a_real_runner_traces_a_node_produced_run_under_the_producers_trac
     # Given: a target that fails once then answers, and a runner configured only by OTEL_*.
     answers = iter([503, 200])
 
+    seen_headers: list[dict[str, str]] = []
+
     async def target(request: web.Request) -> web.Response:
+        seen_headers.append({k.lower(): v for k, v in request.headers.items()})
         return web.json_response({"ok": True}, status=next(answers, 200))
 
     app = web.Application()
     app.router.add_get("/thing", target)
     base = await serve(app)
     clean_env = {n: "" for n in os.environ if n.startswith("OTEL_")}
-    await runner_process(
+    runner = await runner_process(
         **clean_env,
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver.url,
         OTEL_SERVICE_NAME="runner-process",
@@ -326,8 +335,32 @@ async def test_a_real_runner_traces_a_node_produced_run_under_the_producers_trac
     (run_span,) = [s for s in spans if s.kind == Span.SPAN_KIND_CONSUMER]
     (step_span,) = [s for s in spans if s.kind == Span.SPAN_KIND_INTERNAL]
     attempts = [s for s in spans if s.kind == Span.SPAN_KIND_CLIENT]
-    assert run_span.name == "workflow_run wfv_traced"
+    assert run_span.name == f"process {clean_queue}"
+    assert _attrs(run_span)["bullmq.worker.name"] == "test-runner-0"
     assert run_span.parent_span_id.hex() == producer_span["spanId"]
     assert step_span.parent_span_id == run_span.span_id
     assert len(attempts) == 2 and {a.parent_span_id for a in attempts} == {step_span.span_id}
     assert sorted(_attrs(a)["http.response.status_code"] for a in attempts) == [200, 503]
+
+    # Then: each request carried a traceparent naming its own attempt span, so the called API's
+    # trace joins this one.
+    by_start = sorted(attempts, key=lambda s: s.start_time_unix_nano)
+    assert [h["traceparent"] for h in seen_headers] == [
+        f"00-{produced['traceId']}-{a.span_id.hex()}-01" for a in by_start
+    ]
+
+    # Then: the log lines made inside the run name its trace, with ISO-8601 timestamps, and one
+    # info line tells how the run ended.
+    events = runner.log_events()
+    (finished,) = [e for e in events if e.get("event") == "run.finished"]
+    assert {k: finished[k] for k in ("runId", "status", "steps", "attempts", "jobAttempt")} == {
+        "runId": run_id,
+        "status": "SUCCESS",
+        "steps": 1,
+        "attempts": 2,
+        "jobAttempt": 1,
+    }
+    assert finished["trace_id"] == produced["traceId"]
+    assert finished["span_id"] == run_span.span_id.hex()
+    assert isinstance(finished["durationMs"], int)
+    assert all(datetime.fromisoformat(e["ts"]).tzinfo is not None for e in events)
