@@ -131,6 +131,7 @@ async def build(settings: Settings) -> Runtime:
     if settings.mongodb_url:
         execlog = MongoExecutionLog(
             settings.mongodb_url,
+            retention_s=settings.execution_log_retention_s,
             redact=lambda value: SECRETS.redactor().scrubbed(value),
             on_warning=lambda message, context: log.warning(
                 "execlog.warning", detail=message, **context

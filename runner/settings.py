@@ -94,6 +94,11 @@ class Settings:
     checkpoint_retention_s: int = _setting(
         "RUNNER_CHECKPOINT_RETENTION_S", 7 * 86_400, "how long a run's checkpoint is kept"
     )
+    execution_log_retention_s: int = _setting(
+        "RUNNER_EXECUTION_LOG_RETENTION_S",
+        30 * 86_400,
+        "MongoDB execution logs expire after this (a TTL index); 0 keeps them",
+    )
     definition_cache_size: int = _setting(
         "RUNNER_DEFINITION_CACHE_SIZE", 1000, "WorkflowVersions kept compiled in memory"
     )
@@ -105,7 +110,7 @@ class Settings:
     )
     max_redirects: int = _setting("RUNNER_MAX_REDIRECTS", 5, "redirect hops when following")
     health_port: int = _setting(
-        "RUNNER_HEALTH_PORT", 0, "serve /healthz and /readyz on this port; 0 means off"
+        "RUNNER_HEALTH_PORT", 0, "serve /healthz, /readyz and /metrics on this port; 0 means off"
     )
     log_level: str = _setting("RUNNER_LOG_LEVEL", "info", "debug, info, warning or error")
 

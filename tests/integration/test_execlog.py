@@ -16,6 +16,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from runner.reporting.execlog import (
     COLLECTION,
     INDEX_KEYS,
+    TTL_KEYS,
     Level,
     LogLine,
     MongoBatchWriter,
@@ -227,3 +228,30 @@ async def test_lines_survive_a_server_outage_without_loss_or_duplicates(
         await client.close()
     counts = Counter(doc["message"] for doc in docs)
     assert counts == Counter(f"line {n}" for n in range(35))
+
+
+def _ttl_of(indexes: dict[str, Any]) -> list[Any]:
+    """The expireAfterSeconds of each index on ``timestamp`` alone."""
+    return [
+        info.get("expireAfterSeconds")
+        for info in indexes.values()
+        if [(name, int(order)) for name, order in info["key"]] == TTL_KEYS
+    ]
+
+
+async def test_retention_is_a_ttl_index_on_the_timestamp_changed_and_dropped_with_the_setting(
+    mongo_db_url: str, collection: AsyncCollection[dict[str, Any]]
+) -> None:
+    # Given a retention of one day, When the log starts, Then a TTL index expires lines after it
+    for retention_s, expected in [(86_400, [86_400]), (3_600, [3_600]), (3_600, [3_600]), (0, [])]:
+        sink = MongoExecutionLog(mongo_db_url, retention_s=retention_s)
+        await sink.startup()
+        await sink.shutdown()
+        # a changed retention replaces the old one, the same one is left as it is, 0 drops it
+        assert _ttl_of(await collection.index_information()) == expected, retention_s
+    # and the run-and-time index the readers use is still there
+    keys = [
+        [(name, int(order)) for name, order in info["key"]]
+        for info in (await collection.index_information()).values()
+    ]
+    assert INDEX_KEYS in keys

@@ -36,6 +36,7 @@ from runner.reporting.execlog.mongo import (
     COLLECTION,
     DEFAULT_DATABASE,
     INDEX_KEYS,
+    TTL_KEYS,
     MongoBatchWriter,
     MongoExecutionLog,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_CONTEXT_LIMIT_BYTES",
     "DEFAULT_DATABASE",
     "INDEX_KEYS",
+    "TTL_KEYS",
     "LEVELS",
     "PREVIEW_CHARS",
     "BatchWriter",

@@ -15,7 +15,7 @@ import bson
 from bson.errors import InvalidDocument
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, ConfigurationError
+from pymongo.errors import BulkWriteError, ConfigurationError, OperationFailure
 
 from runner.reporting.execlog.documents import DEFAULT_CONTEXT_LIMIT_BYTES, Document, Redact
 from runner.reporting.execlog.writer import BufferedExecutionLog, OnWarning
@@ -23,6 +23,8 @@ from runner.reporting.execlog.writer import BufferedExecutionLog, OnWarning
 COLLECTION = "execution_logs"
 DEFAULT_DATABASE = "runner"
 INDEX_KEYS: list[tuple[str, int]] = [("tenantId", 1), ("workflowRunId", 1), ("timestamp", 1)]
+# Retention (RUNNER_EXECUTION_LOG_RETENTION_S): a TTL index must be on a single date field.
+TTL_KEYS: list[tuple[str, int]] = [("timestamp", 1)]
 # A BSON document may not exceed 16 MiB; one that does can never be written, only rejected.
 _MAX_BSON_BYTES = 16 * 1024 * 1024
 _DUPLICATE_KEY = 11000
@@ -42,8 +44,10 @@ class MongoBatchWriter:
         *,
         server_selection_timeout_ms: int = 2000,
         socket_timeout_ms: int = 10_000,
+        retention_s: int = 0,
     ) -> None:
         self._url = url
+        self._retention_s = retention_s
         self._server_selection_timeout_ms = server_selection_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
         self._client: AsyncMongoClient[Document] | None = None
@@ -69,7 +73,36 @@ class MongoBatchWriter:
         return self._collection
 
     async def open(self) -> None:
-        await self._ensure_client().create_index(INDEX_KEYS)
+        collection = self._ensure_client()
+        await collection.create_index(INDEX_KEYS)
+        await self._apply_retention(collection)
+
+    async def _apply_retention(self, collection: AsyncCollection[Document]) -> None:
+        """A TTL index on ``timestamp`` expiring lines after ``retention_s``: created, changed
+        to a new retention (``collMod``, else dropped and made again), or dropped for 0."""
+        existing = await _ttl_index(collection)
+        if self._retention_s <= 0:
+            if existing is not None and existing[1] is not None:
+                await collection.drop_index(existing[0])
+            return
+        if existing is not None:
+            if existing[1] is not None and int(existing[1]) == self._retention_s:
+                return
+            try:
+                await collection.database.command(
+                    "collMod",
+                    collection.name,
+                    index={"keyPattern": dict(TTL_KEYS), "expireAfterSeconds": self._retention_s},
+                )
+            except OperationFailure:
+                pass
+            changed = await _ttl_index(collection)
+            if changed is not None and changed[1] is not None:
+                if int(changed[1]) == self._retention_s:
+                    return
+            # A server that does not change TTLs in place: the index is made again.
+            await collection.drop_index(existing[0])
+        await collection.create_index(TTL_KEYS, expireAfterSeconds=self._retention_s)
 
     async def insert(self, documents: list[Document]) -> list[int]:
         collection = self._ensure_client()
@@ -93,6 +126,14 @@ class MongoBatchWriter:
             await self._client.close()
             self._client = None
             self._collection = None
+
+
+async def _ttl_index(collection: AsyncCollection[Document]) -> tuple[str, Any] | None:
+    """(name, expireAfterSeconds) of the index on ``timestamp`` alone, if there is one."""
+    for name, info in (await collection.index_information()).items():
+        if [(field, int(order)) for field, order in info["key"]] == TTL_KEYS:
+            return name, info.get("expireAfterSeconds")
+    return None
 
 
 def _encodes(doc: Document) -> bool:
@@ -133,9 +174,14 @@ class MongoExecutionLog(BufferedExecutionLog):
         server_selection_timeout_ms: int = 2000,
         retry_initial_delay_s: float = 0.1,
         retry_max_delay_s: float = 5.0,
+        retention_s: int = 0,
     ) -> None:
         super().__init__(
-            MongoBatchWriter(url, server_selection_timeout_ms=server_selection_timeout_ms),
+            MongoBatchWriter(
+                url,
+                server_selection_timeout_ms=server_selection_timeout_ms,
+                retention_s=retention_s,
+            ),
             buffer_limit=buffer_limit,
             batch_size=batch_size,
             flush_interval_s=flush_interval_s,
