@@ -14,6 +14,7 @@
  *
  * GET /healthz answers 200 when Redis answers PING (for container healthchecks).
  */
+const http = require('node:http');
 const express = require('express');
 const IORedis = require('ioredis');
 const { Queue } = require('bullmq');
@@ -80,7 +81,9 @@ async function main() {
       (queue) => new BullMQAdapter(queue, { readOnlyMode: settings.readOnly }),
     ),
     serverAdapter,
-    options: { uiConfig: { boardTitle: 'Workflow runner' } },
+    // showMetrics: the queue page's throughput view (BullMQ's worker metrics, which the runner
+    // records like a Node worker with `metrics` set).
+    options: { uiConfig: { boardTitle: 'Workflow runner', showMetrics: true } },
   });
 
   const app = express();
@@ -96,17 +99,27 @@ async function main() {
   });
   app.use(settings.basePath, serverAdapter.getRouter());
 
-  const server = app.listen(settings.port, settings.host, () => {
+  // A plain http.Server, listened on by hand: express 5's app.listen calls its callback on an
+  // error too, which then read a null address and crashed with a TypeError (port taken).
+  const server = http.createServer(app);
+  server.once('error', (error) => {
+    const where = `${settings.host}:${settings.port}`;
+    const reason =
+      error.code === 'EADDRINUSE'
+        ? `port ${settings.port} is already in use`
+        : error.code === 'EACCES'
+          ? `no permission to listen on port ${settings.port}`
+          : error.message;
+    console.error(`bull-board: cannot listen on ${where}: ${reason} (set PORT or HOST)`);
+    process.exit(1);
+  });
+  server.listen(settings.port, settings.host, () => {
     const { port } = server.address();
     console.log(
       `bull-board: http://${settings.host}:${port}${settings.basePath} ` +
         `(redis ${displayUrl(settings.redisUrl)}, prefix ${settings.prefix}, ` +
         `queues ${settings.queueNames.join(',')}${settings.readOnly ? ', read-only' : ''})`,
     );
-  });
-  server.on('error', (error) => {
-    console.error(`bull-board: cannot listen: ${error.message}`);
-    process.exit(1);
   });
 
   let closing = false;

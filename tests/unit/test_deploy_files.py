@@ -280,7 +280,7 @@ def test_every_build_context_and_dockerfile_exists(services: dict[str, dict[str,
         dockerfile = context / build.get("dockerfile", "Dockerfile")
         assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
         built += 1
-    assert built >= 2  # the runner and Bull Board
+    assert built >= 3  # the runner, Bull Board and the status sink
 
 
 def test_every_mounted_repository_file_exists(services: dict[str, dict[str, Any]]) -> None:
@@ -292,7 +292,6 @@ def test_every_mounted_repository_file_exists(services: dict[str, dict[str, Any]
             assert ROOT in path.parents or path == ROOT, f"{name}: mounts {source} outside the repo"
             mounted.append(path)
     assert OTEL.resolve() in mounted
-    assert (ROOT / "scripts" / "status-sink").resolve() in mounted
 
 
 def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
@@ -352,17 +351,32 @@ def test_the_stack_has_the_pinned_majors(services: dict[str, dict[str, Any]]) ->
     assert services["otel-collector"]["image"].startswith("otel/opentelemetry-collector-contrib:")
 
 
-def test_the_status_sink_is_started_as_its_package_says(
+def test_the_status_sink_is_an_image_started_as_its_package_says(
     services: dict[str, dict[str, Any]],
 ) -> None:
     sink = ROOT / "scripts" / "status-sink"
+    service = services["status-sink"]
+    # Built from its own folder, so a container start needs no npm registry: nothing runs npm
+    # at start and nothing mounts the checkout.
+    assert (COMPOSE.parent / service["build"]["context"]).resolve() == sink.resolve()
+    assert "command" not in service and "volumes" not in service
+    dockerfile = (sink / "Dockerfile").read_text()
+    problems = [
+        p
+        for p in dockerfile_problems(dockerfile)
+        if p.startswith(("base image", "final USER", "no USER"))
+    ]
+    assert problems == []
+    assert re.search(r"^RUN npm ci --omit=dev", dockerfile, re.M)
+    assert "node_modules" in (sink / ".dockerignore").read_text().split()
     start = json.loads((sink / "package.json").read_text())["scripts"]["start"]
-    script = " ".join(str(part) for part in services["status-sink"]["command"])
-    entry = re.search(r"exec (node \S+)", script)
-    assert entry is not None
-    # compose runs node directly (npm's sh would swallow SIGTERM): it must be the same entry.
-    assert entry.group(1) == start.removeprefix("exec ")
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
+    assert cmd is not None
+    # node directly (npm's sh would swallow SIGTERM): the same entry as the package's start.
+    assert " ".join(json.loads(cmd.group(1))) == start.removeprefix("exec ")
     assert (sink / start.removeprefix("exec ").split()[1]).is_file()
+    for copied in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert (sink / copied).exists(), copied
 
 
 def test_the_collector_healthcheck_and_sink_healthcheck_are_well_formed(
