@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from runner import telemetry
-from tests.conftest import REDIS_URL, start_server
+from tests.conftest import REDIS_URL, node_peer, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 OTEL_PRODUCER = ROOT / "tests" / "node" / "otel-producer.mjs"
@@ -364,3 +365,179 @@ async def test_a_real_runner_traces_a_node_produced_run_under_the_producers_trac
     assert finished["span_id"] == run_span.span_id.hex()
     assert isinstance(finished["durationMs"], int)
     assert all(datetime.fromisoformat(e["ts"]).tzinfo is not None for e in events)
+
+
+OTEL_WORKER = ROOT / "tests" / "node" / "otel-worker.mjs"
+
+
+async def test_a_node_workers_telemetry_and_the_runners_side_by_side_in_one_receiver(
+    otlp_receiver: OtlpReceiver,
+    clean_queue: str,
+    runner_process: Any,
+    serve: Any,
+    redis: Any,
+) -> None:
+    # Given: a Node BullMQ Worker with bullmq-otel on one queue and the runner on another, both
+    # exporting to the same OTLP receiver
+    async def ok(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/ok", ok)
+    base = await serve(app)
+    node_queue = f"{clean_queue}-node"
+    clean_env = {n: "" for n in os.environ if n.startswith("OTEL_")}
+    runner = await runner_process(
+        **clean_env,
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver.url,
+        OTEL_SERVICE_NAME="runner-side",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_METRIC_EXPORT_INTERVAL="600000",
+    )
+    version = {
+        "id": "wfv_side",
+        "graph": {"steps": [{"key": "call", "actionId": "a"}]},
+        "actions": {
+            "a": {
+                "id": "a",
+                "method": "GET",
+                "endpointTemplate": f"{base}/ok",
+                "retryStrategy": "NONE",
+            }
+        },
+    }
+    count = 3
+    try:
+        worker = asyncio.create_task(
+            _node_json(
+                OTEL_WORKER,
+                {
+                    "redis": REDIS_URL,
+                    "queue": node_queue,
+                    "endpoint": otlp_receiver.url,
+                    "serviceName": "node-side",
+                    "workerName": "node-worker-1",
+                    "count": count,
+                },
+            )
+        )
+        # When: each gets the same batch of jobs, added by Node
+        for queue in (node_queue, clean_queue):
+            jobs = [
+                {
+                    "data": {
+                        "workflowRunId": f"run_side_{n}",
+                        "workflowVersionId": "wfv_side",
+                        "tenantId": "ten_side",
+                        "input": {},
+                        "workflowVersion": version,
+                    },
+                    "opts": {"jobId": f"run_side_{n}"},
+                }
+                for n in range(count)
+            ]
+            await node_peer("add", {"redis": REDIS_URL, "queue": queue, "jobs": jobs})
+        assert await asyncio.wait_for(worker, 60) == {"processed": count, "failed": 0}
+        deadline = time.monotonic() + 20
+        while await redis.zcard(f"bull:{clean_queue}:completed") < count:
+            assert time.monotonic() < deadline, "the runner did not complete its batch"
+            await asyncio.sleep(0.05)
+        # SIGTERM flushes the runner's metrics; waited for without blocking this loop, which
+        # serves the receiver.
+        runner.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while runner.proc.poll() is None:
+            assert time.monotonic() < deadline, "the runner did not stop"
+            await asyncio.sleep(0.05)
+        assert runner.proc.returncode == 0
+    finally:
+        keys = [k async for k in redis.scan_iter(match=f"bull:{node_queue}:*", count=1000)]
+        if keys:
+            await redis.delete(*keys)
+
+    # Then: the consumer spans of both have BullMQ's shape, told apart by service.name
+    consumers: dict[str, list[Span]] = {}
+    for resource, span in otlp_receiver.spans():
+        if span.kind == Span.SPAN_KIND_CONSUMER:
+            consumers.setdefault(resource["service.name"], []).append(span)
+    assert set(consumers) == {"node-side", "runner-side"}
+    shape_keys = {
+        "bullmq.queue.name",
+        "bullmq.queue.operation",
+        "bullmq.worker.name",
+        "bullmq.job.id",
+        "bullmq.job.name",
+    }
+    for service, queue, worker_name in [
+        ("node-side", node_queue, "node-worker-1"),
+        ("runner-side", clean_queue, "test-runner-0"),
+    ]:
+        spans = consumers[service]
+        assert len(spans) == count, service
+        for span in spans:
+            assert span.name == f"process {queue}", service
+            attrs = _attrs(span)
+            assert shape_keys <= set(attrs), (service, attrs)
+            assert attrs["bullmq.queue.name"] == queue
+            assert attrs["bullmq.queue.operation"] == "process"
+            assert attrs["bullmq.worker.name"] == worker_name
+            assert attrs["bullmq.job.name"] == "workflow_run"
+        assert sorted(_attrs(s)["bullmq.job.id"] for s in spans) == [
+            f"run_side_{n}" for n in range(count)
+        ]
+    # and the runner keeps its own messaging.* and workflow.* attributes beside them
+    assert {"messaging.system", "workflow.run_id"} <= set(_attrs(consumers["runner-side"][0]))
+
+    # Then: BullMQ's job metrics arrive under the same names, units and attribute keys
+    by_service = _metrics_by_service(otlp_receiver)
+    for service, queue in [("node-side", node_queue), ("runner-side", clean_queue)]:
+        got = by_service[service]
+        # Cumulative points: the last export holds the totals (Node exports doubles, Python ints).
+        completed = got["bullmq.jobs.completed"]["points"]
+        assert {tuple(sorted(_point_attrs(p).items())) for p in completed} == {
+            (
+                ("bullmq.job.name", "workflow_run"),
+                ("bullmq.job.state", "completed"),
+                ("bullmq.queue.name", queue),
+            )
+        }, service
+        assert max(p.as_int or p.as_double for p in completed) == count, service
+        assert got["bullmq.job.duration"]["unit"] == "ms", service
+        assert max(p.count for p in got["bullmq.job.duration"]["points"]) == count, service
+    names = {service: set(got) for service, got in by_service.items()}
+    assert (
+        names["node-side"] & {"bullmq.jobs.completed", "bullmq.job.duration"}
+        <= names["runner-side"]
+    )
+    # and the runner's HTTP client metric follows the semantic convention
+    http = by_service["runner-side"]["http.client.request.duration"]
+    assert http["unit"] == "s"
+    assert max(p.count for p in http["points"]) == count
+
+
+def _metrics_by_service(receiver: OtlpReceiver) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for req in receiver.metrics:
+        for rm in req.resource_metrics:
+            resource = {a.key: _value(a.value) for a in rm.resource.attributes}
+            service = out.setdefault(str(resource.get("service.name")), {})
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    kind = m.WhichOneof("data")
+                    entry = service.setdefault(m.name, {"unit": m.unit, "points": []})
+                    entry["points"].extend(getattr(m, kind).data_points)
+    return out
+
+
+async def _node_json(script: Path, spec: dict[str, Any], timeout_s: float = 90) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(script),
+        "-",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout_s)
+    assert proc.returncode == 0, f"{script.name} failed: {err.decode()}"
+    return json.loads(out.decode().strip().splitlines()[-1])
