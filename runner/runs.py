@@ -30,7 +30,7 @@ from runner.engine.plan import Plan
 from runner.engine.ports import Clock, RunContext, StepResult
 from runner.engine.run import Engine, RunOutcome
 from runner.engine.schemas import check_input
-from runner.errors import PayloadError, RunnerError
+from runner.errors import PayloadError, RetryLater, RunnerError
 from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
 from runner.queue.cancel import CancelWatch
@@ -134,7 +134,7 @@ class RunService:
             err = caught.as_record()
             if err.retryable and _attempts_left(job):
                 log.warning("run.retry_later", runId=run_id, error=redactor.text(str(err)))
-                raise RuntimeError(redactor.text(str(err))) from None
+                raise RetryLater(redactor.text(str(err))) from None
             if reporter.seq == checkpoint.last_seq:
                 await reporter.run_started(self.clock.now_ms())
             await reporter.run_done("FAILED", err, {})
