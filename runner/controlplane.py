@@ -16,7 +16,13 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
-from runner.errors import CredentialsError, DefinitionError, ErrorCode, RunnerError
+from runner.errors import (
+    ControlPlaneUnavailable,
+    CredentialsError,
+    DefinitionError,
+    ErrorCode,
+    RunnerError,
+)
 
 _encode = msgspec.json.Encoder().encode
 
@@ -51,11 +57,11 @@ class ControlPlane:
                 ) as resp:
                     return resp.status, await resp.read()
         except TimeoutError:
-            raise error(
+            raise ControlPlaneUnavailable(
                 f"control plane did not answer {what} within {self.timeout_s:g} s", retryable=True
             ) from None
         except (aiohttp.ClientError, OSError) as err:
-            raise error(
+            raise ControlPlaneUnavailable(
                 f"control plane unreachable for {what}: {type(err).__name__}", retryable=True
             ) from None
 
@@ -71,10 +77,9 @@ class ControlPlane:
         )
         if status == 404:
             raise DefinitionError(f"{what} does not exist", code=ErrorCode.DEFINITION_NOT_FOUND)
+        _raise_if_unavailable(status, what)
         if status != 200:
-            raise DefinitionError(
-                f"control plane answered {status} for {what}", retryable=status >= 500
-            )
+            raise DefinitionError(f"control plane answered {status} for {what}")
         return body
 
     async def run_credentials(
@@ -89,10 +94,9 @@ class ControlPlane:
             what,
             CredentialsError,
         )
+        _raise_if_unavailable(status, what)
         if status != 200:
-            raise CredentialsError(
-                f"control plane answered {status} for {what}", retryable=status >= 500
-            )
+            raise CredentialsError(f"control plane answered {status} for {what}")
         return body
 
     async def report_oauth2_token(
@@ -119,3 +123,10 @@ class ControlPlane:
         )
         if status >= 300:
             raise CredentialsError(f"control plane answered {status} for {what}", retryable=True)
+
+
+def _raise_if_unavailable(status: int, what: str) -> None:
+    """A 5xx or 429 says the control plane cannot answer now: retry the job, and blame neither
+    the definition nor the credentials."""
+    if status >= 500 or status == 429:
+        raise ControlPlaneUnavailable(f"control plane answered {status} for {what}", retryable=True)

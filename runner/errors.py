@@ -6,6 +6,7 @@ One root, and the code is data on the error, not a class per code::
     ├── PayloadError          INVALID_PAYLOAD          job data does not decode
     ├── DefinitionError       DEFINITION_INVALID | DEFINITION_NOT_FOUND
     ├── CredentialsError      CREDENTIALS_UNAVAILABLE
+    ├── ControlPlaneUnavailable CONTROL_PLANE_UNAVAILABLE  unreachable, timed out, 5xx/429: retryable
     ├── TemplateError         TEMPLATE_ERROR            found before the request is sent
     ├── SchemaError           SCHEMA_VALIDATION | INVALID_INPUT
     ├── AuthError             AUTH_FAILED
@@ -32,6 +33,7 @@ class ErrorCode(StrEnum):
     DEFINITION_NOT_FOUND = "DEFINITION_NOT_FOUND"
     DEFINITION_INVALID = "DEFINITION_INVALID"
     CREDENTIALS_UNAVAILABLE = "CREDENTIALS_UNAVAILABLE"
+    CONTROL_PLANE_UNAVAILABLE = "CONTROL_PLANE_UNAVAILABLE"
     TEMPLATE_ERROR = "TEMPLATE_ERROR"
     SCHEMA_VALIDATION = "SCHEMA_VALIDATION"
     AUTH_FAILED = "AUTH_FAILED"
@@ -91,6 +93,19 @@ class DefinitionError(RunnerError):
 
 class CredentialsError(RunnerError):
     default_code = ErrorCode.CREDENTIALS_UNAVAILABLE
+
+
+class ControlPlaneUnavailable(RunnerError):
+    """The control plane could not be reached or answered 5xx/429: infrastructure's fault,
+    retried under the job's ``attempts``, never the definition's or the credentials'."""
+
+    default_code = ErrorCode.CONTROL_PLANE_UNAVAILABLE
+
+
+class RetryLater(Exception):
+    """An infrastructure failure with job attempts left: BullMQ retries the job, and its
+    message (``"<code>: <message>"``, redacted) is the job's failedReason meanwhile, as a Node
+    Worker keeps a thrown error's message."""
 
 
 class TemplateError(RunnerError):

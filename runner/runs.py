@@ -30,7 +30,7 @@ from runner.engine.plan import Plan
 from runner.engine.ports import Clock, RunContext, StepResult
 from runner.engine.run import Engine, RunOutcome
 from runner.engine.schemas import check_input
-from runner.errors import PayloadError, RunnerError
+from runner.errors import PayloadError, RetryLater, RunnerError
 from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
 from runner.queue.cancel import CancelWatch
@@ -81,32 +81,35 @@ class RunService:
 
     async def handle(self, job: Any, token: str) -> dict[str, Any]:
         data = self.decode(job)
+        run_id = run_identity(job, data)
         opts = job.opts or {}
         started_ms = self.clock.now_ms()
         with self.telemetry.run_span(
             carrier_json=opts.get("tm"),
-            run_id=data.workflow_run_id,
+            run_id=run_id,
             tenant_id=data.tenant_id,
             version_id=data.workflow_version_id,
             job_id=str(job.id),
             queue_wait_ms=self.clock.now_ms() - int(job.timestamp or 0),
         ) as span:
-            outcome, redactor = await self._run(job, data, span)
+            outcome, redactor = await self._run(job, data, run_id, span)
             if outcome.status != "DEFERRED":
                 span.end(outcome.status, str(outcome.error.code) if outcome.error else None)
                 _log_run_end(job, data, outcome, self.clock.now_ms() - started_ms)
         if outcome.status == "DEFERRED":
-            await self._defer(job, token, data, outcome)
-        return self._settle(data, outcome, redactor)
+            await self._defer(job, token, run_id, outcome)
+        return self._settle(run_id, outcome, redactor)
 
-    async def _run(self, job: Any, data: JobData, span: RunSpan) -> tuple[RunOutcome, Redactor]:
+    async def _run(
+        self, job: Any, data: JobData, run_id: str, span: RunSpan
+    ) -> tuple[RunOutcome, Redactor]:
         """Load, resolve and run. A failure before the first step (definition, credentials,
         input) is reported and returned as a FAILED outcome, unless it is an infrastructure
         failure with job attempts left: then BullMQ retries the job."""
-        raw_checkpoint, cancel_reason = await self.sink.run_state(data.workflow_run_id)
+        raw_checkpoint, cancel_reason = await self.sink.run_state(run_id)
         checkpoint = parse_checkpoint(raw_checkpoint)
         redactor = self._base_redactor()
-        reporter = self._reporter(job, data, redactor, checkpoint, total_steps=0)
+        reporter = self._reporter(job, data, run_id, redactor, checkpoint, total_steps=0)
         handle = None
         try:
             plan = await self.definitions.plan_for(data)
@@ -121,7 +124,7 @@ class RunService:
             # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
             reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
-            ctx = self._context(job, data, plan, checkpoint, connections, secrets)
+            ctx = self._context(job, data, run_id, plan, checkpoint, connections, secrets)
             ctx.trace = span
             if cancel_reason is not None:
                 return (
@@ -132,10 +135,8 @@ class RunService:
         except RunnerError as caught:
             err = caught.as_record()
             if err.retryable and _attempts_left(job):
-                log.warning(
-                    "run.retry_later", runId=data.workflow_run_id, error=redactor.text(str(err))
-                )
-                raise RuntimeError(redactor.text(str(err))) from None
+                log.warning("run.retry_later", runId=run_id, error=redactor.text(str(err)))
+                raise RetryLater(redactor.text(str(err))) from None
             if reporter.seq == checkpoint.last_seq:
                 await reporter.run_started(self.clock.now_ms())
             await reporter.run_done("FAILED", err, {})
@@ -148,7 +149,7 @@ class RunService:
         hand_back: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._hand_backs[ctx.run_id] = hand_back
         try:
-            with self.cancels.watch(ctx.run_id) as cancel:
+            with self.cancels.watch(ctx.run_id, ctx.job_id) as cancel:
                 ctx.cancel = cancel
                 ctx.hand_back = lambda: hand_back
                 outcome = await self.engine.run(plan, ctx, reporter)
@@ -157,18 +158,18 @@ class RunService:
         finally:
             self._hand_backs.pop(ctx.run_id, None)
 
-    async def _defer(self, job: Any, token: str, data: JobData, outcome: RunOutcome) -> None:
+    async def _defer(self, job: Any, token: str, run_id: str, outcome: RunOutcome) -> None:
         """Checkpoint where each deferred step continues, then give the job back to BullMQ as
         delayed (not failed, not completed): it comes due at the earliest time a deferred step
         may run, and a later delivery resumes there."""
         resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
         if resume:
-            await self.redis.hset(self.keys.run(data.workflow_run_id), mapping=dict(resume))  # type: ignore[arg-type]
+            await self.redis.hset(self.keys.run(run_id), mapping=dict(resume))  # type: ignore[arg-type]
         resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
         await job.moveToDelayed(resume_at, token)
         log.info(
             "run.handed_back",
-            runId=data.workflow_run_id,
+            runId=run_id,
             resumeInMs=resume_at - self.clock.now_ms(),
             steps=sorted(outcome.deferred),
         )
@@ -195,10 +196,16 @@ class RunService:
             raise UnrecoverableError(str(err)) from None
 
     def _reporter(
-        self, job: Any, data: JobData, redactor: Redactor, checkpoint: Checkpoint, total_steps: int
+        self,
+        job: Any,
+        data: JobData,
+        run_id: str,
+        redactor: Redactor,
+        checkpoint: Checkpoint,
+        total_steps: int,
     ) -> RunReporter:
         return RunReporter(
-            run_id=data.workflow_run_id,
+            run_id=run_id,
             tenant_id=data.tenant_id,
             version_id=data.workflow_version_id,
             job_id=str(job.id),
@@ -217,6 +224,7 @@ class RunService:
         self,
         job: Any,
         data: JobData,
+        run_id: str,
         plan: Plan,
         checkpoint: Checkpoint,
         connections: dict[str, Connection],
@@ -228,7 +236,7 @@ class RunService:
         )
         return RunContext(
             job_id=str(job.id),
-            run_id=data.workflow_run_id,
+            run_id=run_id,
             tenant_id=data.tenant_id,
             version_id=data.workflow_version_id,
             input=data.input,
@@ -256,7 +264,7 @@ class RunService:
         await reporter.run_done("CANCELED", error, steps)
         return RunOutcome("CANCELED", error, steps)
 
-    def _settle(self, data: JobData, outcome: RunOutcome, redactor: Redactor) -> dict[str, Any]:
+    def _settle(self, run_id: str, outcome: RunOutcome, redactor: Redactor) -> dict[str, Any]:
         if outcome.status != "SUCCESS":
             error = outcome.error
             text = str(error) if error is not None else f"{outcome.status}: the run did not succeed"
@@ -266,7 +274,7 @@ class RunService:
             (s.started_ms for s in outcome.steps.values() if s.started_ms), default=finished
         )
         return {
-            "workflowRunId": data.workflow_run_id,
+            "workflowRunId": run_id,
             "status": outcome.status,
             "durationMs": finished - started,
             "steps": {
@@ -274,6 +282,20 @@ class RunService:
                 for key, s in outcome.steps.items()
             },
         }
+
+
+def run_identity(job: Any, data: JobData) -> str:
+    """The run a job is (CONTRACT "Run identity"). A job the control plane added is the run its
+    data names, whatever its job id; a job BullMQ made (a job scheduler's or a legacy
+    repeatable job's iteration, ``repeat:...`` with a ``repeatJobKey``) repeats the data of
+    its template, so each iteration is a run of its own, ``{workflowRunId}:{jobId}``. The job
+    id stays the same across the job's retries, so a retry resumes the same run."""
+    job_id = str(job.id)
+    if job_id == data.workflow_run_id:
+        return job_id
+    if job_id.startswith("repeat:") or getattr(job, "repeatJobKey", None):
+        return f"{data.workflow_run_id}:{job_id}"
+    return data.workflow_run_id
 
 
 def _secret_material(connections: Any, secret_values_: Any) -> tuple[list[str], list[str]]:
@@ -305,4 +327,4 @@ def _attempts_left(job: Any) -> bool:
     return int(job.attemptsMade) + 1 < int((job.opts or {}).get("attempts", 1) or 1)
 
 
-__all__ = ["RunService"]
+__all__ = ["RunService", "run_identity"]

@@ -43,14 +43,19 @@ class CancelWatch:
         self._task: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
-    def watch(self, run_id: str) -> Iterator[CancelFuture]:
+    def watch(self, run_id: str, job_id: str | None = None) -> Iterator[CancelFuture]:
+        """A run's cancel, asked for by its run id or, when that differs (a job BullMQ made,
+        CONTRACT "Run identity"), by its BullMQ job id."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiting[run_id] = future
+        names = {run_id} if job_id is None else {run_id, job_id}
+        for name in names:
+            self._waiting[name] = future
         try:
             yield lambda: future
         finally:
-            if self._waiting.get(run_id) is future:
-                del self._waiting[run_id]
+            for name in names:
+                if self._waiting.get(name) is future:
+                    del self._waiting[name]
 
     def cancel(self, run_id: str, reason: str) -> bool:
         future = self._waiting.get(run_id)

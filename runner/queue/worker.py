@@ -27,6 +27,7 @@ from bullmq import Worker
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
+from runner.errors import RetryLater
 from runner.log import log
 from runner.queue.fetch_next import FetchNextWorker
 from runner.queue.finish import FinishBatches, finish_in_batches
@@ -141,6 +142,9 @@ class QueueWorker:
             job.updateStacktrace = lambda: None
             raise
         except DelayedError:
+            raise
+        except RetryLater:
+            # An infrastructure failure BullMQ retries: its message is the failedReason.
             raise
         except asyncio.CancelledError:
             # Never let a cancellation reach the worker loop: it would end it silently.

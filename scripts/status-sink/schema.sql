@@ -7,7 +7,7 @@
 -- accepted can make a batch fail for ever.
 
 CREATE TABLE IF NOT EXISTS workflow_runs (
-    id                  text        PRIMARY KEY,          -- workflowRunId
+    id                  text        PRIMARY KEY,          -- workflowRunId: the run id ("Run identity")
     tenant_id           text,
     workflow_version_id text,
     job_id              text,

@@ -851,7 +851,8 @@ async def test_bad_credentials_fail_the_run_with_a_clear_reason_and_no_secret(
         },
     )
 
-    # Then each fails with CREDENTIALS_UNAVAILABLE and says what is wrong
+    # Then each fails with CREDENTIALS_UNAVAILABLE (the control plane's 5xx: its own code)
+    # and says what is wrong
     reasons = {jid: job["failedReason"] for jid, job in report["jobs"].items()}
     does_not_decrypt = (
         "CREDENTIALS_UNAVAILABLE: sealedCredentials does not decrypt:"
@@ -875,7 +876,7 @@ async def test_bad_credentials_fail_the_run_with_a_clear_reason_and_no_secret(
             " 'run_cp_403'"
         ),
         "run_cp_500": (
-            "CREDENTIALS_UNAVAILABLE: control plane answered 500 for the credentials of run"
+            "CONTROL_PLANE_UNAVAILABLE: control plane answered 500 for the credentials of run"
             " 'run_cp_500'"
         ),
         "run_ghost": (
@@ -898,7 +899,8 @@ async def test_bad_credentials_fail_the_run_with_a_clear_reason_and_no_secret(
         e["workflowRunId"]: e for e in events if e["kind"] == "run" and e["status"] != "RUNNING"
     }
     assert {rid: (e["status"], e["errorCode"]) for rid, e in final.items()} == {
-        rid: ("FAILED", "CREDENTIALS_UNAVAILABLE") for rid in reasons
+        **{rid: ("FAILED", "CREDENTIALS_UNAVAILABLE") for rid in reasons},
+        "run_cp_500": ("FAILED", "CONTROL_PLANE_UNAVAILABLE"),
     }
     # and no secret went anywhere
     places = await redis_values(redis, clean_queue)

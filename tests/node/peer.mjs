@@ -7,6 +7,9 @@
 //   node peer.mjs add SPEC.json     add the jobs and print their ids
 //   node peer.mjs cancel SPEC.json  set the cancel key and publish a cancel-job event (CONTRACT §8)
 //   node peer.mjs promote SPEC.json promote delayed jobs (spec.jobIds) as an operator would
+//   node peer.mjs schedule SPEC.json upsertJobScheduler(spec.schedulerId, spec.repeat, spec.template)
+//                                   until spec.iterations jobs of it finished, then remove it and
+//                                   print {jobs: {id: {state, returnvalue, failedReason}}}
 //
 // SPEC: {redis: "redis://...", prefix, queue, timeoutMs, jobs: [{name, data, opts}],
 //        runId, reason}
@@ -90,8 +93,32 @@ async function cancel() {
   await redis.quit();
 }
 
+async function schedule() {
+  const queue = new Queue(queueName, { connection: connection(), prefix });
+  await queue.upsertJobScheduler(spec.schedulerId, spec.repeat, spec.template);
+  const deadline = Date.now() + (spec.timeoutMs ?? 30000);
+  let finished = [];
+  while (Date.now() < deadline) {
+    finished = [...(await queue.getJobs(['completed', 'failed'], 0, -1))];
+    if (finished.length >= spec.iterations) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  await queue.removeJobScheduler(spec.schedulerId);
+  const jobs = {};
+  for (const job of finished.sort((a, b) => a.timestamp - b.timestamp)) {
+    jobs[job.id] = {
+      state: await job.getState(),
+      returnvalue: job.returnvalue ?? null,
+      failedReason: job.failedReason ?? null,
+    };
+  }
+  process.stdout.write(JSON.stringify({ jobs }) + '\n');
+  await queue.close();
+}
+
 try {
   if (command === 'run') await run();
+  else if (command === 'schedule') await schedule();
   else if (command === 'add') {
     const queue = new Queue(queueName, { connection: connection(), prefix });
     process.stdout.write(JSON.stringify({ ids: await add(queue) }) + '\n');

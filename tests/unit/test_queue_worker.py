@@ -119,3 +119,28 @@ def test_given_packed_options_of_any_size_when_named_then_the_name_is_one_more_e
     named = _with_map_entry(msgpack.packb(options, use_bin_type=True), entry)
 
     assert msgpack.unpackb(named, raw=False) == {**options, "name": "host-1"}
+
+
+@pytest.mark.parametrize(
+    ("job_id", "repeat_job_key", "expected"),
+    [
+        ("run_1", None, "run_1"),  # named by the control plane
+        ("17", None, "run_1"),  # an id of BullMQ's counter: still the run its data names
+        ("repeat:sched:1795639999000", "sched", "run_1:repeat:sched:1795639999000"),
+        ("repeat:9f2c1e:1795639999000", "9f2c1e", "run_1:repeat:9f2c1e:1795639999000"),
+        ("custom-iteration", "legacy-key", "run_1:custom-iteration"),  # a repeat with a jobId
+        ("repeat:run_1", None, "run_1:repeat:run_1"),
+    ],
+)
+def test_given_a_job_when_identified_then_only_jobs_bullmq_made_get_a_run_of_their_own(
+    job_id: str, repeat_job_key: str | None, expected: str
+) -> None:
+    from runner.contract import JobData
+    from runner.runs import run_identity
+
+    data = JobData(workflow_run_id="run_1", workflow_version_id="v", tenant_id="t", input={})
+    job = Job()
+    job.id = job_id
+    job.repeatJobKey = repeat_job_key
+    # A retry is the same job id: the same run, so it resumes the same checkpoint.
+    assert run_identity(job, data) == run_identity(job, data) == expected
