@@ -9,8 +9,10 @@ secret cannot ride along.
 - Bodies are read as a stream and cut off past ``max_response_bytes``.
 - Redirects are not followed unless enabled; then each hop is checked by the egress policy
   again and credentials are dropped when the origin changes.
-- The egress policy checks literal IP hosts here and resolved names in the resolver, so that
-  the address connected to is the address checked.
+- The egress policy lives in the session ``make_session`` builds (a middleware for IP literals,
+  the resolver for names), so every request on it is checked, whoever sends it, and the
+  address connected to is the address checked. No other code in ``runner`` builds a session
+  (a test scans for it); the control plane's, in app.py, is exempt by design.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from runner.contract import Connection
 from runner.deadline import deadline
 from runner.errors import ErrorCode, RunnerError, TransportError
 from runner.http.auth import build_auth, send_with_auth
-from runner.http.egress import EgressPolicy, GuardedResolver, egress_error
+from runner.http.egress import EgressPolicy, GuardedResolver, egress_error, egress_middleware
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.http.oauth2 import OAuth2TokenManager
 
@@ -52,6 +54,11 @@ def make_session(
         # Timeouts are per attempt (``deadline`` below); the session sets none of its own.
         timeout=aiohttp.ClientTimeout(total=None),
         cookie_jar=aiohttp.DummyCookieJar(),
+        # The egress check lives in the session, so every request sent on it (a step, a
+        # redirect hop, the OAuth2 token endpoint) is checked: IP literals here, names in the
+        # resolver. Nothing that holds this session can send around the policy.
+        middlewares=(egress_middleware(policy),),
+        trust_env=False,  # a proxy would resolve names itself, out of the policy's sight
     )
 
 
@@ -150,7 +157,6 @@ class HttpTransport:
         if request.query:
             url = url.with_query(list(request.query))
         host = url.host or ""
-        self.policy.check_url_host(host)
         try:
             async with self.session.request(
                 request.method,
