@@ -198,14 +198,6 @@ async def build(settings: Settings) -> Runtime:
 YOUNG_GENERATION_THRESHOLD = 10_000
 
 
-def build_kind() -> str:
-    """``compiled`` when the hot modules run as mypyc extensions (the image's build, setup.py
-    with RUNNER_COMPILE=1), else ``pure``. Logged at start, so an operator can tell which."""
-    from runner import redact
-
-    return "pure" if str(redact.__file__).endswith(".py") else "compiled"
-
-
 def tune_collector() -> None:
     """Freeze what start-up built (modules, compiled schemas, clients: it lives as long as the
     process, and the collector's full passes no longer walk it) and raise the youngest
@@ -241,7 +233,6 @@ async def serve(settings: Settings) -> int:
         concurrency=settings.concurrency,
         stream=settings.stream_key,
         telemetry=runtime.telemetry.enabled,
-        build=build_kind(),
     )
     health = None
     if settings.health_port:

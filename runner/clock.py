@@ -1,5 +1,5 @@
-"""The system clock: milliseconds since the epoch, sleeps and jitter. Compiled (the image's
-build): the engine and the reporter read it some twenty times per W3 run."""
+"""The system clock: milliseconds since the epoch, sleeps and jitter. The engine and the
+reporter read it some twenty times per W3 run."""
 
 from __future__ import annotations
 

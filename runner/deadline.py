@@ -60,7 +60,7 @@ class _Schedule:
         self._timer_at = when
         # The timer finds the schedule through the thread's slot rather than holding it: through
         # a bound method, schedule and timer would hold each other, a cycle left to the cyclic
-        # collector (and compiled classes take no weak references).
+        # collector.
         self._timer = self._loop.call_at(when, _fire, self._loop)
 
     def fire(self) -> None:
@@ -76,9 +76,7 @@ class _Schedule:
             self._arm(heap[0][0])
 
 
-# The schedule of the loop running in this thread, as the attribute ``schedule``. A plain
-# ``threading.local``: compiled by mypyc, a subclass of it would be a native class, whose
-# attributes ``threading.local`` cannot hold (it crashes).
+# The schedule of the loop running in this thread, as the attribute ``schedule``.
 _current = threading.local()
 
 

@@ -80,8 +80,7 @@ class Script:
 
 class Executor(Protocol):
     """What a batch needs of a connection: ``RespConnection``, or a stand-in (the bench's
-    in-process loops, tests). A protocol and not the class, because compiled code (setup.py)
-    checks at run time that an argument is the class its annotation names."""
+    in-process loops, tests)."""
 
     async def execute(self, commands: list[Command], *, transaction: bool = False) -> list[Any]:
         """As ``RespConnection.execute``."""
@@ -305,7 +304,5 @@ class Batches(Generic[Item]):
             else:
                 self.sent += 1
                 return results
-            # Waits outside the handler: compiled code must not await inside one (it would
-            # leave the error as the thread's handled exception while other tasks run).
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 2.0)

@@ -183,9 +183,7 @@ def _resolve(ref: Ref, context: Mapping[str, Any], where: str) -> Any:
         return ref.resolve(context)
     except LookupError as err:
         missing = err.args[0]
-    # Raised outside the handler, so it has no context to hide. ``raise ... from None`` inside
-    # it would do the same here, but not where this module is compiled: mypyc leaves
-    # ``__suppress_context__`` unset (docs/performance.md, "The compiled build").
+    # Raised outside the handler, so it has no context to hide.
     raise TemplateError(f"{where}: '{{{{ {ref.text} }}}}' has no value: {missing}")
 
 

@@ -44,8 +44,7 @@ from runner.telemetry import StepSpan
 
 
 class RunOutcome:
-    """How a run ended. A plain class, as ``_State`` is: compiled, a dataclass keeps the
-    ``__init__`` that ``dataclasses`` generates in Python."""
+    """How a run ended."""
 
     __slots__ = ("deferred", "error", "status", "steps")
 
@@ -141,8 +140,6 @@ class Engine:
         if hand_back is not None:
             waiters.add(hand_back)
         timeout_s = max(0.0, (ctx.deadline_ms - self.clock.now_ms()) / 1000)
-        # No await inside a handler here or in the walk: compiled (docs/performance.md), a
-        # coroutine that suspends while handling an error leaves it set for the other tasks.
         interrupted: BaseException | None = None
         try:
             done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when="FIRST_COMPLETED")
@@ -187,8 +184,7 @@ class Engine:
         except BaseException as err:
             stopped = err
         # Reached on success, on a FAIL_RUN failure, and when the run is cancelled or times out
-        # (the CancelledError passes on after the bookkeeping). After the handler, not inside
-        # it: compiled code must not await while handling an error (docs/performance.md).
+        # (the CancelledError passes on after the bookkeeping).
         if running:
             await self._cancel_running(state, running)
         for sp in pending:
@@ -320,7 +316,6 @@ class Engine:
                 res.status, res.error = "FAILED", stop
             else:
                 res.status, res.error = "CANCELED", stop if isinstance(stop, Canceled) else None
-        # After the handlers, not in them: compiled code must not await while handling an error.
         if failed_unsent:
             # Failed before any request (template, definition): still one RUNNING event, so
             # that every started step has one before its terminal state.

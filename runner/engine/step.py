@@ -95,7 +95,7 @@ def prepare_request(
         if err.message.startswith("$"):
             raise
         message = f"{sp.where}.input: {err.message}"
-    # Raised outside the handler, so it carries no context (compiled code ignores `from None`).
+    # Raised outside the handler, so it carries no context.
     raise TemplateError(message)
 
 
@@ -261,8 +261,8 @@ async def _attempt(
         )
     except RunnerError as caught:
         err = caught.as_record()
-    # What follows runs outside the handler, so what it raises carries no context (compiled code
-    # ignores `from None`): the error is reported by its code and message only.
+    # What follows runs outside the handler, so what it raises carries no context: the error is
+    # reported by its code and message only.
     if err.code == ErrorCode.TIMEOUT and cut_by_deadline:
         err = WorkflowTimeout(f"the run's deadline passed during attempt {record.number}")
     record.error = err

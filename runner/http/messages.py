@@ -4,11 +4,9 @@ Plain data, no I/O: request building produces an ``HttpRequest``, auth adapters 
 the client sends it and hands back an ``HttpResponse``. Keeping them free of aiohttp lets auth
 flows and request building be tested without sockets.
 
-Both are immutable: their attributes are ``Final`` (mypy refuses an assignment; compiled, the
-attribute is read-only). They are plain classes rather than frozen dataclasses because a
-frozen dataclass sets each field through ``object.__setattr__`` (an ``HttpRequest`` took 7k
-instructions to make, three or more per W3 run); compiled, these take a few hundred. Their
-``repr`` names the headers but never shows a value: a header may carry a credential.
+Both are immutable: their attributes are ``Final`` (mypy refuses an assignment). They are
+plain classes rather than frozen dataclasses because a frozen dataclass sets each field through
+``object.__setattr__``, a cost paid several times per run. Their ``repr`` names the headers but never shows a value: a header may carry a credential.
 """
 
 from __future__ import annotations

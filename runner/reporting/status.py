@@ -386,7 +386,6 @@ class RunReporter:
         the clock's time."""
         if now is None:
             now = self.now_ms()
-        # The milliseconds from a table: compiled, a format spec is a ``str.format`` call.
         return self.redact.text(f"{_clock_time(now // 1000)}.{_MILLIS[now % 1000]}Z {text}")
 
     def _exec(

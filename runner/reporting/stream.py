@@ -46,11 +46,7 @@ _ADD_LOG = Script(loadScript("addLog-2.lua"))
 
 
 class Transition:
-    """Everything one step or run transition writes, as one unit.
-
-    A plain class and not a dataclass, as are the others a run makes on the hot path: compiled,
-    a dataclass keeps the ``__init__`` that ``dataclasses`` generates in Python (4.4k
-    instructions a call, eight calls per W3 run); this one compiles to C."""
+    """Everything one step or run transition writes, as one unit."""
 
     __slots__ = (
         "checkpoint",

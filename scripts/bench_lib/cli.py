@@ -91,13 +91,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "HEAD it compares interpreters",
     )
     p.add_argument(
-        "--compiled",
-        action="store_true",
-        help="run the runner contenders on the build the image ships (scripts/compile: the hot "
-        "modules compiled by mypyc, for the interpreter of --python; two or three minutes to build); "
-        "runner-base stays pure Python, so --baseline HEAD --compiled measures the compilation",
-    )
-    p.add_argument(
         "--profile",
         choices=("py-spy", "cprofile", "callgrind"),
         help="profile the runner on W3 instead of measuring (callgrind: instructions per run, "
@@ -267,8 +260,6 @@ def main(argv: list[str]) -> int:
         concurrency=args.concurrency,
     )
     try:
-        if args.compiled:
-            ctx.compiled_dir = compiled_tree(python, args.json.parent / "compiled")
         if args.baseline:
             ctx.baseline_dir = baseline_worktree(args.baseline, args.json.parent / "baseline")
             ctx.baseline_python = bench_python(args.base_python) if args.base_python else python
@@ -299,13 +290,6 @@ def baseline_worktree(rev: str, path: Path) -> Path:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO)
     _git("worktree", "add", "--detach", "--force", str(path), commit)
     say(f"bench: runner-base is {rev} ({commit[:10]}) in {path}")
-    return path
-
-
-def compiled_tree(python: str, path: Path) -> Path:
-    """The working tree with the runner built as the image ships it, for ``python``."""
-    say(f"bench: building the compiled runner in {path} (scripts/compile)")
-    subprocess.run([str(REPO / "scripts" / "compile"), str(path), python], check=True)
     return path
 
 

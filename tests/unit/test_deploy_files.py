@@ -481,7 +481,5 @@ def test_every_runner_variable_mentioned_is_a_setting(path: Path) -> None:
     mentioned = set(re.findall(r"\bRUNNER_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
     # RUNNER_REPLICAS is compose's own knob (how many runner containers), not a runner setting.
     mentioned.discard("RUNNER_REPLICAS")
-    # RUNNER_COMPILE is the build's (setup.py: compile the hot modules), not the runner's.
-    mentioned.discard("RUNNER_COMPILE")
     assert mentioned, "mentions no setting at all"
     assert mentioned <= known, sorted(mentioned - known)

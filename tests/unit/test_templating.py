@@ -207,7 +207,7 @@ def test_given_a_missing_reference_when_rendered_then_template_error_names_locat
     assert info.value.message == (
         f"$.graph.steps[2].input.query.q: '{template}' has no value: {missing}"
     )
-    # The lookup's own error is not shown as its context (in the compiled build too).
+    # The lookup's own error is not shown as its context.
     assert info.value.__context__ is None or info.value.__suppress_context__
 
 
