@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from runner import telemetry
+from runner import jsonlimits, telemetry
 from runner.controlplane import ControlPlane
 from runner.credentials import CredentialSource, parse_key
 from runner.definitions import DefinitionStore
@@ -73,6 +73,10 @@ class Runtime:
 
 
 async def build(settings: Settings) -> Runtime:
+    try:
+        jsonlimits.configure(settings.max_json_depth)
+    except ValueError as err:
+        raise SystemExit(f"RUNNER_MAX_JSON_DEPTH: {err}") from None
     process_secrets = tuple(
         v for v in (settings.control_plane_token, settings.credentials_key) if v
     )
