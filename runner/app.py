@@ -29,6 +29,7 @@ from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
 from runner.log import log
+from runner.looplag import LoopLag
 from runner.queue import packing
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
@@ -223,6 +224,8 @@ async def serve(settings: Settings) -> int:
     await runtime.execlog.startup()
     runtime.cancels.start()
     tune_collector()
+    lag = LoopLag()
+    lag.start()
     await runtime.worker.start()
     log.info(
         "runner.started",
@@ -252,7 +255,8 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     with contextlib.suppress(Exception):
         await runtime.close()
-    log.info("runner.stopped", exitCode=code)
+    await lag.stop()
+    log.info("runner.stopped", exitCode=code, maxLoopLagMs=round(lag.max_ms, 1))
     return code
 
 

@@ -15,6 +15,8 @@ job that must still complete: the worker keeps serving.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -23,7 +25,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.conftest import node_peer, read_stream
-from tests.integration.harness import Api, reply
+from tests.integration.harness import Api, action, reply, run_workflow, step, version
 from tests.integration.test_hostile_jobs import job, one_step, send_and_settle, settled
 
 pytestmark = pytest.mark.integration
@@ -99,27 +101,33 @@ def nested(depth: int) -> str:
 
 HOSTILE_DATA = {
     "run_deep_1k": (
-        lambda rid, version: json.dumps(
-            {
-                "workflowRunId": rid,
-                "workflowVersionId": version,
-                "tenantId": "t",
-                "input": {"id": "1"},
-            }
-        )[:-1]
-        + ', "deep": '
-        + nested(1_000)
-        + "}",
+        lambda rid, version: (
+            json.dumps(
+                {
+                    "workflowRunId": rid,
+                    "workflowVersionId": version,
+                    "tenantId": "t",
+                    "input": {"id": "1"},
+                }
+            )[:-1]
+            + ', "deep": '
+            + nested(1_000)
+            + "}"
+        ),
         "INVALID_PAYLOAD: $: nested deeper than 128 levels (RUNNER_MAX_JSON_DEPTH)",
     ),
     "run_deep_100k": (
-        lambda rid, version: '{"workflowRunId": "%s", "workflowVersionId": "%s", '
-        '"tenantId": "t", "input": %s}' % (rid, version, nested(100_000)),
+        lambda rid, version: (
+            '{"workflowRunId": "%s", "workflowVersionId": "%s", '
+            '"tenantId": "t", "input": %s}' % (rid, version, nested(100_000))
+        ),
         "INVALID_PAYLOAD: $: nested deeper than 128 levels (RUNNER_MAX_JSON_DEPTH)",
     ),
     "run_twice": (
-        lambda rid, version: '{"workflowRunId": "%s", "workflowRunId": "other", '
-        '"workflowVersionId": "%s", "tenantId": "t", "input": {"id": "1"}}' % (rid, version),
+        lambda rid, version: (
+            '{"workflowRunId": "%s", "workflowRunId": "other", '
+            '"workflowVersionId": "%s", "tenantId": "t", "input": {"id": "1"}}' % (rid, version)
+        ),
         'INVALID_PAYLOAD: $: duplicate key "workflowRunId"',
     ),
 }
@@ -184,3 +192,116 @@ async def test_a_deep_response_to_a_post_fails_once_and_the_run_is_reported_fail
     events = await read_stream(redis, f"bull:{clean_queue}:status")
     runs = [(e["status"], e.get("errorCode")) for e in events if e["kind"] == "run"]
     assert runs[-1] == ("FAILED", "RESPONSE_INVALID"), runs
+
+
+# --- in process: one run beside another, the event loop watched ------------------------------
+
+
+class LagProbe:
+    """The worst lateness of a 10 ms timer while the block runs: how long the loop was held."""
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LagProbe:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            self.max_s = max(self.max_s, loop.time() - before - 0.01)
+
+
+# Generous: the old code held the loop for seconds; a healthy loop is late by milliseconds.
+MAX_LAG_S = 1.0
+
+
+def fetch(url: str, **action_fields: Any) -> dict[str, Any]:
+    return version([step("fetch")], [action(url, **action_fields)])
+
+
+async def test_a_catastrophic_output_pattern_fails_the_step_and_the_run_beside_it_is_not_held(
+    serve: Any,
+) -> None:
+    # Given an API whose answer meets an outputSchema pattern of ^(a+)+$ at its worst, and
+    # another run calling a normal API
+    evil_api = Api(reply(200, {"x": "a" * 28 + "!"}))
+    fine_api = Api(reply(200, {"ok": True}))
+    evil_base, fine_base = await serve(evil_api.app()), await serve(fine_api.app())
+    schema = {"type": "object", "properties": {"x": {"type": "string", "pattern": EVIL}}}
+    evil = fetch(f"{evil_base}/thing", outputSchema=schema)
+
+    # When both run side by side, the loop watched
+    async with LagProbe() as probe:
+        hostile, normal = await asyncio.gather(
+            run_workflow(evil, run_id="run_evil"),
+            run_workflow(fetch(f"{fine_base}/thing"), run_id="run_fine"),
+        )
+
+    # Then the hostile step fails SCHEMA_VALIDATION, the other succeeds, the loop was not held
+    assert hostile.error_code("fetch") == "SCHEMA_VALIDATION"
+    assert normal.outcome.status == "SUCCESS"
+    assert probe.max_s < MAX_LAG_S, probe.max_s
+
+
+async def test_a_large_body_is_worked_on_off_the_loop(serve: Any) -> None:
+    # Given an API answering 8 MB of JSON that an outputSchema checks item by item
+    items = [{"id": str(i), "name": "n" * 40, "tags": ["a", "b"]} for i in range(80_000)]
+    big_api = Api(reply(200, {"items": items}))
+    base = await serve(big_api.app())
+    schema = {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}},
+                    "required": ["id"],
+                },
+            }
+        },
+    }
+
+    # When it runs, the loop watched
+    async with LagProbe() as probe:
+        record = await run_workflow(
+            fetch(f"{base}/big", outputSchema=schema),
+            max_response_bytes=32 * 1024 * 1024,
+        )
+
+    # Then it succeeds and the loop was never held long
+    assert record.outcome.status == "SUCCESS", record.outcome.error
+    assert probe.max_s < MAX_LAG_S, probe.max_s
+
+
+async def test_a_deep_response_is_response_invalid_under_the_retry_policy(serve: Any) -> None:
+    # Given an API answering JSON nested 200,000 deep, with a policy that retries what may be
+    deep = "[" * 200_000 + "]" * 200_000
+    api = Api(reply(200, text=deep, content_type="application/json"))
+    base = await serve(api.app())
+    retrying = {"retryStrategy": "FIXED", "maxAttempts": 3, "initialDelayMs": 10}
+
+    # When a step calls it
+    record = await run_workflow(fetch(f"{base}/deep", **retrying))
+
+    # Then the step fails RESPONSE_INVALID on its only attempt, and the run is reported FAILED
+    assert record.error_code("fetch") == "RESPONSE_INVALID"
+    assert len(api.hits) == 1
+    last = record.events[-1]
+    assert (last["kind"], last["status"], last["errorCode"]) == (
+        "run",
+        "FAILED",
+        "RESPONSE_INVALID",
+    )
