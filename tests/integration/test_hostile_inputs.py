@@ -118,15 +118,15 @@ HOSTILE_DATA = {
     ),
     "run_deep_100k": (
         lambda rid, version: (
-            '{"workflowRunId": "%s", "workflowVersionId": "%s", '
-            '"tenantId": "t", "input": %s}' % (rid, version, nested(100_000))
+            f'{{"workflowRunId": "{rid}", "workflowVersionId": "{version}", '
+            f'"tenantId": "t", "input": {nested(100_000)}}}'
         ),
         "INVALID_PAYLOAD: $: nested deeper than 128 levels (RUNNER_MAX_JSON_DEPTH)",
     ),
     "run_twice": (
         lambda rid, version: (
-            '{"workflowRunId": "%s", "workflowRunId": "other", '
-            '"workflowVersionId": "%s", "tenantId": "t", "input": {"id": "1"}}' % (rid, version)
+            f'{{"workflowRunId": "{rid}", "workflowRunId": "other", '
+            f'"workflowVersionId": "{version}", "tenantId": "t", "input": {{"id": "1"}}}}'
         ),
         'INVALID_PAYLOAD: $: duplicate key "workflowRunId"',
     ),
