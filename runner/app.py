@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from runner import telemetry
+from runner import jsonlimits, telemetry
 from runner.controlplane import ControlPlane
 from runner.credentials import CredentialSource, parse_key
 from runner.definitions import DefinitionStore
@@ -29,6 +29,7 @@ from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
 from runner.log import log
+from runner.looplag import LoopLag
 from runner.metrics import RunnerMetrics
 from runner.queue import packing
 from runner.queue.cancel import CancelWatch
@@ -77,6 +78,10 @@ class Runtime:
 
 
 async def build(settings: Settings) -> Runtime:
+    try:
+        jsonlimits.configure(settings.max_json_depth)
+    except ValueError as err:
+        raise SystemExit(f"RUNNER_MAX_JSON_DEPTH: {err}") from None
     process_secrets = tuple(
         v for v in (settings.control_plane_token, settings.credentials_key) if v
     )
@@ -225,6 +230,8 @@ async def serve(settings: Settings) -> int:
     if runtime.metrics is not None:
         runtime.metrics.start()
     tune_collector()
+    lag = LoopLag()
+    lag.start()
     await runtime.worker.start()
     log.info(
         "runner.started",
@@ -253,7 +260,8 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     with contextlib.suppress(Exception):
         await runtime.close()
-    log.info("runner.stopped", exitCode=code)
+    await lag.stop()
+    log.info("runner.stopped", exitCode=code, maxLoopLagMs=round(lag.max_ms, 1))
     return code
 
 

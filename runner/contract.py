@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from runner import jsonlimits
 from runner.errors import CredentialsError, DefinitionError, PayloadError
 
 JOB_NAME = "workflow_run"
@@ -287,11 +288,19 @@ JOB_DATA_NOT_TEXT = "$: job data is not valid JSON text (unpaired surrogate?)"
 
 
 def decode_job_data(raw: Any) -> JobData:
-    """From JSON text, or from the object BullMQ already parsed."""
+    """From JSON text, or from the object BullMQ already parsed. Text nested deeper than
+    ``RUNNER_MAX_JSON_DEPTH`` or holding a duplicate key is refused (``runner.jsonlimits``)."""
     try:
         if isinstance(raw, (bytes, str)):
+            jsonlimits.check_text(raw)
             return _job_decoder.decode(raw)
+        if jsonlimits.depth_exceeds(raw):
+            raise PayloadError(f"$: {jsonlimits.too_deep_message()}")
         return msgspec.convert(raw, JobData)
+    except jsonlimits.JsonLimitError as err:
+        raise PayloadError(f"$: {err}") from None
+    except RecursionError:
+        raise PayloadError(f"$: {jsonlimits.too_deep_message()}") from None
     except msgspec.ValidationError as err:
         raise PayloadError(_located(path_of(err), raw, JobData)) from None
     except msgspec.DecodeError as err:
@@ -307,8 +316,15 @@ def decode_workflow_version(raw: Any, where: str = "$") -> WorkflowVersion:
     """From JSON text, or from an already parsed object; paths start at ``where``."""
     try:
         if isinstance(raw, (bytes, str)):
+            jsonlimits.check_text(raw)
             return _version_decoder.decode(raw)
+        if jsonlimits.depth_exceeds(raw):
+            raise DefinitionError(f"{where}: {jsonlimits.too_deep_message()}")
         return msgspec.convert(raw, WorkflowVersion)
+    except jsonlimits.JsonLimitError as err:
+        raise DefinitionError(f"{where}: {err}") from None
+    except RecursionError:
+        raise DefinitionError(f"{where}: {jsonlimits.too_deep_message()}") from None
     except msgspec.ValidationError as err:
         path = _located(path_of(err), raw, WorkflowVersion)
         raise DefinitionError(where + path[1:] if path.startswith("$") else path) from None
@@ -321,7 +337,10 @@ def decode_workflow_version(raw: Any, where: str = "$") -> WorkflowVersion:
 def decode_credentials(raw: bytes | str) -> ResolvedCredentials:
     """Credentials' JSON shape; values are never quoted in the error, only the path."""
     try:
+        jsonlimits.check_text(raw)
         return _credentials_decoder.decode(raw)
+    except (jsonlimits.JsonLimitError, RecursionError):
+        raise CredentialsError("credentials are nested too deeply or repeat a key") from None
     except msgspec.ValidationError as err:
         path = _located(path_of(err), raw, ResolvedCredentials)
         raise CredentialsError(f"credentials do not decode: {path}") from None

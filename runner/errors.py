@@ -12,6 +12,7 @@ One root, and the code is data on the error, not a class per code::
     ├── AuthError             AUTH_FAILED
     ├── StepHTTPError         HTTP_ERROR                carries ``status``
     ├── TransportError        TIMEOUT | CONNECTION_ERROR | RESPONSE_TOO_LARGE | EGRESS_DENIED
+    ├── ResponseError         RESPONSE_INVALID          a 2xx body that cannot be used
     ├── WorkflowTimeout       WORKFLOW_TIMEOUT
     └── Canceled              CANCELED
 
@@ -41,6 +42,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "TIMEOUT"
     CONNECTION_ERROR = "CONNECTION_ERROR"
     RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
+    RESPONSE_INVALID = "RESPONSE_INVALID"
     EGRESS_DENIED = "EGRESS_DENIED"
     WORKFLOW_TIMEOUT = "WORKFLOW_TIMEOUT"
     CANCELED = "CANCELED"
@@ -126,6 +128,13 @@ class StepHTTPError(RunnerError):
 
 class TransportError(RunnerError):
     default_code = ErrorCode.CONNECTION_ERROR
+
+
+class ResponseError(RunnerError):
+    """A response the step cannot use: its body does not decode as its Content-Type says, or
+    nests deeper than ``RUNNER_MAX_JSON_DEPTH``, or an ``extract`` path fails on it."""
+
+    default_code = ErrorCode.RESPONSE_INVALID
 
 
 class WorkflowTimeout(RunnerError):

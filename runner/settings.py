@@ -67,6 +67,11 @@ class Settings:
     max_job_bytes: int = _setting(
         "RUNNER_MAX_JOB_BYTES", 1024 * 1024, "job data larger than this is INVALID_PAYLOAD"
     )
+    max_json_depth: int = _setting(
+        "RUNNER_MAX_JSON_DEPTH",
+        128,
+        "JSON nested deeper (job data, definitions, responses) is refused; at most 256",
+    )
     worker_name: str = _setting(
         "RUNNER_WORKER_NAME", "", "worker name in Bull Board; empty means host-pid"
     )

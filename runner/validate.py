@@ -38,6 +38,7 @@ from typing import Any, cast
 
 import msgspec
 
+from runner import jsonlimits
 from runner.contract import (
     Action,
     Connection,
@@ -90,7 +91,12 @@ def main(argv: list[str]) -> int:
 def validate_source(raw: bytes | str) -> Report:
     """Every problem of a WorkflowVersion given as JSON text."""
     try:
+        jsonlimits.check_text(raw)
         doc = msgspec.json.decode(raw)
+    except jsonlimits.JsonLimitError as err:
+        return Report((f"$: {err}",), 0)
+    except RecursionError:
+        return Report((f"$: {jsonlimits.too_deep_message()}",), 0)
     except msgspec.DecodeError as err:
         return Report((f"$: not valid JSON ({err})",), 0)
     try:

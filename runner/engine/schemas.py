@@ -11,6 +11,16 @@ Policy:
 - A ``$ref`` that leaves the schema (``http:``, ``file:``, a relative URI) is refused when the
   schema compiles; fastjsonschema would otherwise fetch it with urllib, past the egress policy.
 - Unknown ``format`` names are ignored (as JSON Schema says); known ones are asserted.
+- Every regex runs on RE2 (``google-re2``), in time linear in the text: ``pattern``,
+  ``patternProperties`` and the ``format`` checks. fastjsonschema compiles them with Python's
+  backtracking ``re``, where ``^(a+)+$`` against ``"a" * 30 + "!"`` took 26 s and froze every
+  run of the process. fastjsonschema is kept (its generated validators are fast, and its
+  messages name the location); after it compiles a schema, each pattern in the validator's
+  ``REGEX_PATTERNS`` is swapped for its RE2 compilation, and the formats are passed as RE2
+  checks. A pattern RE2 cannot run (backreferences, lookaround) is refused when the schema
+  compiles, ``DefinitionError`` naming the pattern's JSON path. RE2's ``$`` is the end of the
+  text, as ECMA-262's is (fastjsonschema rewrites ``$`` to Python's ``\\Z`` for the same
+  reason); a pattern must also be one Python's ``re`` parses, since fastjsonschema reads it.
 
 Errors name the location, never the value (it could be a secret). fastjsonschema's messages
 quote only the schema (``must be one of ['a']``) and, for ``additionalProperties``, the
@@ -35,6 +45,7 @@ from typing import Any, TypeAlias
 
 import fastjsonschema
 import msgspec
+import re2
 from fastjsonschema import JsonSchemaDefinitionException, JsonSchemaValueException
 
 from runner.contract import Action, WorkflowVersion
@@ -100,13 +111,89 @@ class _NoRemoteRefs(Mapping[str, Callable[[str], Any]]):
 
 _HANDLERS = _NoRemoteRefs()
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # an unsupported pattern is reported to the author, not stderr
+_RE2_OPTIONS.max_mem = 8 << 20  # a pattern whose program needs more is refused, not built
+
+
+class PatternRefused(Exception):
+    """A ``pattern`` or ``patternProperties`` key that RE2 cannot run."""
+
+    def __init__(self, pattern: str, reason: str) -> None:
+        super().__init__(reason)
+        self.pattern = pattern
+        self.reason = reason
+
+
+def _re2(pattern: str) -> Any:
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as err:
+        reason = err.args[0] if err.args else str(err)
+        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        raise PatternRefused(pattern, text) from None
+
+
+def _format_checks() -> dict[str, Callable[[str], bool]]:
+    """fastjsonschema's own format regexes, run by RE2. Two of them use lookaround, which RE2
+    lacks; they are rewritten without it (same language)."""
+    from fastjsonschema.draft07 import CodeGeneratorDraft07
+
+    checks: dict[str, Callable[[str], bool]] = {}
+    for name, regex in CodeGeneratorDraft07.FORMAT_REGEXS.items():
+        if name in ("email", "idn-hostname"):
+            continue
+        compiled = re2.compile(regex.replace("\\Z", "\\z"), _RE2_OPTIONS)
+        checks[name] = functools.partial(_matches, compiled)
+    email = re2.compile(r"^[^@.][^@]*@[^@]+\.[^@]+\z", _RE2_OPTIONS)
+
+    def is_email(value: str) -> bool:
+        if email.match(value) is None:
+            return False
+        local = value.split("@", 1)[0]
+        return ".." not in local and not local.endswith(".")
+
+    label = r"(?:[a-zA-Z0-9][a-zA-Z0-9\-]{0,49}|[a-zA-Z0-9][a-zA-Z0-9-]{0,29}\.[a-zA-Z]{2,})"
+    idn_hostname = re2.compile(
+        r"^(xn--)?[a-zA-Z0-9][a-zA-Z0-9-_]{0,61}[a-zA-Z0-9]{0,1}\."
+        rf"(?:{label}|xn--(?:[a-zA-Z0-9\-]{{1,50}}|[a-zA-Z0-9-]{{1,30}}\.[a-zA-Z]{{2,}}))$",
+        _RE2_OPTIONS,
+    )
+    checks["email"] = is_email
+    checks["idn-hostname"] = functools.partial(_matches, idn_hostname)
+    checks["regex"] = _is_re2_regex
+    return checks
+
+
+def _matches(compiled: Any, value: str) -> bool:
+    return compiled.match(value) is not None
+
+
+def _is_re2_regex(value: str) -> bool:
+    try:
+        _re2(value)
+    except PatternRefused:
+        return False
+    return True
+
+
+_FORMATS = _format_checks()
+
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _compile_canonical(canonical: str) -> Validator:
     # Keyed by text so that equal schemas share one entry; decoded again because
     # fastjsonschema wants the object.
     schema = msgspec.json.decode(canonical)
-    validator: Validator = fastjsonschema.compile(schema, handlers=_HANDLERS, use_default=False)
+    validator: Validator = fastjsonschema.compile(
+        schema, handlers=_HANDLERS, formats=_FORMATS, use_default=False
+    )
+    # The generated code looks its regexes up in this module-level dict at each call, by the
+    # pattern as written in the schema (``REGEX_PATTERNS[pattern].search(value)``).
+    function = getattr(validator, "func", validator)  # formats make it a functools.partial
+    patterns: dict[str, Any] = function.__globals__["REGEX_PATTERNS"]
+    for pattern in list(patterns):
+        patterns[pattern] = _re2(pattern)
     return validator
 
 
@@ -126,6 +213,12 @@ def compile_schema(schema: Any, where: str) -> Validator:
     try:
         canonical = _encode_sorted(schema).decode()
         return _compile_canonical(canonical)
+    except PatternRefused as err:
+        at = _pattern_location(schema, err.pattern)
+        raise DefinitionError(
+            f"{where}{at}: pattern {_clean(repr(err.pattern))} cannot run in linear time "
+            f"(RE2: {_clean(err.reason)}); backreferences and lookaround are not supported"
+        ) from None
     except re.error as err:
         detail = f"invalid pattern: {err}"
     except RecursionError:
@@ -133,6 +226,24 @@ def compile_schema(schema: Any, where: str) -> Validator:
     except Exception as err:  # fastjsonschema raises assorted errors on malformed schemas
         detail = str(err) or type(err).__name__
     raise DefinitionError(f"{where}: does not compile: {_clean(detail)}")
+
+
+def _pattern_location(schema: Any, pattern: str) -> str:
+    """Where ``pattern`` is written in ``schema``, as a path suffix (``.properties.x.pattern``);
+    empty when not found. Breadth first, so the shallowest use is named."""
+    queue: list[tuple[Any, str]] = [(schema, "")]
+    while queue:
+        node, at = queue.pop(0)
+        if isinstance(node, dict):
+            if node.get("pattern") == pattern:
+                return f"{at}.pattern"
+            props = node.get("patternProperties")
+            if isinstance(props, dict) and pattern in props:
+                return f"{at}.patternProperties"
+            queue.extend((v, f"{at}.{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            queue.extend((v, f"{at}[{i}]") for i, v in enumerate(node))
+    return ""
 
 
 def compile_schemas(version: WorkflowVersion) -> PlanSchemas:

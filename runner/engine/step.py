@@ -8,11 +8,13 @@ with ``WORKFLOW_TIMEOUT`` at once (``runner.retry.decide``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
+from runner import jsonlimits
 from runner.contract import Connection
 from runner.engine.plan import StepPlan
 from runner.engine.ports import (
@@ -28,6 +30,7 @@ from runner.engine.schemas import PlanSchemas, check_output, check_request
 from runner.errors import (
     DefinitionError,
     ErrorCode,
+    ResponseError,
     RunnerError,
     StepHTTPError,
     TemplateError,
@@ -41,7 +44,14 @@ from runner.templating import render, truthy
 
 _decode_json = msgspec.json.Decoder().decode
 _NOT_JSON = object()  # a body that did not decode
+_TOO_DEEP = object()  # a body nested deeper than RUNNER_MAX_JSON_DEPTH
 _UNSAFE_METHODS = frozenset({"POST", "PATCH"})
+
+OFF_LOOP_BYTES = 64 * 1024
+"""A response body larger than this is decoded, validated and extracted in a worker thread,
+so that one run's large body does not hold the event loop (and every other run) while it is
+worked on. Below it the work takes well under a millisecond and a thread hop would cost more
+(``scripts/bench`` reports the loop's worst lag)."""
 
 
 def idempotency_key(run_id: str, step_key: str) -> str:
@@ -132,6 +142,31 @@ def _connection_of(sp: StepPlan, ctx: RunContext) -> Connection | None:
 def response_output(
     sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None = None
 ) -> dict[str, Any]:
+    """The step's output from a 2xx response: decoded, checked against ``outputSchema``,
+    extracted. What the API sent that cannot be used is a ``ResponseError`` (RESPONSE_INVALID)
+    or a ``SchemaError``; never anything else."""
+    try:
+        return _response_output(sp, response, schemas)
+    except RecursionError:
+        pass  # a walker past the recursion limit; raised below, outside the handler
+    raise ResponseError(
+        f"{sp.key}: the response body is {jsonlimits.too_deep_message()}",
+        status=response.status,
+    )
+
+
+async def response_output_async(
+    sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None = None
+) -> dict[str, Any]:
+    """``response_output``, in a worker thread when the body is over ``OFF_LOOP_BYTES``."""
+    if len(response.body) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(response_output, sp, response, schemas)
+    return response_output(sp, response, schemas)
+
+
+def _response_output(
+    sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None
+) -> dict[str, Any]:
     content_type = response.headers.get("content-type", "")
     body: Any
     if not response.body:
@@ -141,10 +176,20 @@ def response_output(
             body = _decode_json(response.body)
         except msgspec.DecodeError:
             body = _NOT_JSON
+        except RecursionError:
+            body = _TOO_DEEP
+        if body is not _NOT_JSON and body is not _TOO_DEEP:
+            if jsonlimits.may_exceed(response.body) and jsonlimits.depth_exceeds(body):
+                body = _TOO_DEEP
         if body is _NOT_JSON:  # raised outside the handler: no context (the decoder's) shown
-            raise StepHTTPError(
-                f"{sp.key}: the response says Content-Type {content_type.split(';')[0]} "
+            raise ResponseError(
+                f"{sp.key}: the response says Content-Type {content_type.split(';')[0][:100]} "
                 "but its body is not valid JSON",
+                status=response.status,
+            )
+        if body is _TOO_DEEP:
+            raise ResponseError(
+                f"{sp.key}: the response body is {jsonlimits.too_deep_message()}",
                 status=response.status,
             )
     else:
@@ -250,7 +295,7 @@ async def _attempt(
         trace.response(response.status)
         record.status = response.status
         if 200 <= response.status < 300:
-            output = response_output(sp, response, schemas)
+            output = await response_output_async(sp, response, schemas)
             record.duration_ms = clock.now_ms() - started_ms
             await reporter.attempt_done(record)
             return output

@@ -25,6 +25,7 @@ from runner.engine.ports import Attempt, RunStatus, StepResult
 from runner.errors import RunnerError
 from runner.log import log
 from runner.reporting.execlog import ExecutionLog, Level, LogLine
+from runner.reporting.execlog.documents import PREVIEW_CHARS
 from runner.reporting.stream import RunState, Transition
 
 PREVIEW_LIMIT_BYTES = 16 * 1024
@@ -235,11 +236,15 @@ class RunReporter:
             level,
             f"step {result.status}",
             # The output whole: the execution log keeps large payloads as a preview with their
-            # size (its sink truncates and redacts them).
+            # size (its sink truncates and redacts them). One too large for any log line is
+            # previewed here from its redacted JSON, which exists already: walking megabytes
+            # again to normalise, redact and fit them held the event loop for a second.
             {
                 "error": str(error) if error else None,
                 "durationMs": result.duration_ms,
-                "output": result.output if result.status == "SUCCESS" else None,
+                "output": _log_output(result.output, output_json)
+                if result.status == "SUCCESS"
+                else None,
             },
             step_key=result.key,
             attempt=attempt or None,
@@ -427,6 +432,16 @@ _MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
 def _clock_time(epoch_s: int) -> str:
     """HH:MM:SS (UTC) of a second: the same few seconds are asked for many times over."""
     return time.strftime("%H:%M:%S", time.gmtime(epoch_s))
+
+
+LOG_OUTPUT_WHOLE_BYTES = 64 * 1024
+
+
+def _log_output(output: Any, redacted_json: bytes | None) -> Any:
+    if redacted_json is None or len(redacted_json) <= LOG_OUTPUT_WHOLE_BYTES:
+        return output
+    text = redacted_json[:PREVIEW_CHARS].decode("utf-8", errors="ignore")
+    return {"preview": text, "sizeBytes": len(redacted_json), "truncated": True}
 
 
 def _checkpoint_of(result: StepResult, output_json: bytes | None) -> dict[str, Any]:

@@ -92,6 +92,7 @@ def throughput(
     base = f"{ctx.prefix}:{queue}"
     wait_key, done_key, failed_key = f"{base}:wait", f"{base}:completed", f"{base}:failed"
     procs: list[subprocess.Popen[bytes]] = []
+    result: dict[str, Any] | None = None
     try:
         producer(ctx, "fill", queue, workload, count=runs, id_prefix=f"run_{tag}_")
         procs = launch(ctx, contender, queue, profile=profile)
@@ -142,7 +143,7 @@ def throughput(
         }
         by_command["info"] = by_command.get("info", 0) - redisctl.SNAPSHOT_COMMANDS
         by_command["zcard"] = by_command.get("zcard", 0) - 2 * polls
-        result: dict[str, Any] = {
+        result = {
             "contender": contender.name,
             "workload": workload,
             "runs": runs,
@@ -171,7 +172,26 @@ def throughput(
         return result
     finally:
         stop(procs)
+        if result is not None:
+            result["max_loop_lag_ms"] = max_loop_lag_ms(ctx, contender)
         redisctl.delete_queue_keys(ctx.client, ctx.prefix, queue)
+
+
+def max_loop_lag_ms(ctx: Ctx, contender: Contender) -> float | None:
+    """The worst event-loop lag the contender's processes logged when they stopped (the
+    runner's ``runner.stopped`` line, ``maxLoopLagMs``); None for contenders that do not."""
+    worst: float | None = None
+    for log_path in ctx.log_dir.glob(f"{contender.name}-*.log"):
+        last: float | None = None
+        for line in log_path.read_text(errors="replace").splitlines():
+            if '"runner.stopped"' in line and "maxLoopLagMs" in line:
+                try:
+                    last = float(json.loads(line)["maxLoopLagMs"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+        if last is not None:
+            worst = last if worst is None else max(worst, last)
+    return worst
 
 
 def pickup(ctx: Ctx, queue: str, workload: str, samples: int, tag: str) -> dict[str, Any]:

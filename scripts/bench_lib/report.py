@@ -57,8 +57,8 @@ def throughput_table(
     lines = [
         f"| contender | {unit}/s | CPU ms per {unit[:-1]} | Redis commands per {unit[:-1]} "
         f"| Redis round trips per {unit[:-1]} | pickup p50 / p99 ms | peak RSS MB "
-        f"| API server CPU ms per {unit[:-1]} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| API server CPU ms per {unit[:-1]} | max loop lag ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in contenders:
         rows = groups.get((workload, c.name))
@@ -76,7 +76,8 @@ def throughput_table(
             f"| {spread(_values(rows, 'redis_commands_per_run')) if redis else '—'} "
             f"| {spread(_values(rows, 'redis_reads_per_run')) if redis else '—'} "
             f"| {pickup} | {spread(_values(rows, rss_key))} "
-            f"| {spread(_values(rows, 'server_cpu_ms_per_run')) if c.http else '—'} |"
+            f"| {spread(_values(rows, 'server_cpu_ms_per_run')) if c.http else '—'} "
+            f"| {spread(_values(rows, 'max_loop_lag_ms'))} |"
         )
     return "\n".join(lines)
 

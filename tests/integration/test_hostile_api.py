@@ -140,7 +140,7 @@ async def test_a_slow_drip_is_cut_off_by_the_timeout(serve: Any) -> None:
     await asyncio.wait_for(api.disconnected.wait(), 2)
 
 
-async def test_a_json_content_type_with_a_body_that_is_not_json_is_a_clear_http_error(
+async def test_a_json_content_type_with_a_body_that_is_not_json_is_response_invalid(
     serve: Any,
 ) -> None:
     # Given an API that says application/json but sends HTML
@@ -150,9 +150,9 @@ async def test_a_json_content_type_with_a_body_that_is_not_json_is_a_clear_http_
     # When a step calls it
     record = await run_workflow(one_step(f"{base}/thing", **RETRYING))
 
-    # Then the step fails HTTP_ERROR, once, saying what was wrong
+    # Then the step fails RESPONSE_INVALID, once, saying what was wrong
     assert record.outcome.status == "FAILED"
-    assert record.error_code("fetch") == "HTTP_ERROR"
+    assert record.error_code("fetch") == "RESPONSE_INVALID"
     error = record.outcome.steps["fetch"].error
     assert error is not None and error.status == 200
     assert "Content-Type application/json but its body is not valid JSON" in error.message

@@ -104,7 +104,9 @@ def _fit(value: Any, limit_bytes: int, chars: int) -> tuple[Any, int]:
     size = _payload_bytes(value)
     if size <= limit_bytes:
         return value, size
-    if isinstance(value, dict | list) and value:
+    # Each entry kept takes at least 2 bytes ("1,"): a container with more entries than half
+    # the limit cannot fit, and fitting its 80,000 items one by one held the loop for a second.
+    if isinstance(value, dict | list) and value and len(value) <= limit_bytes // 2:
         keys: list[Any] = list(value.keys()) if isinstance(value, dict) else list(range(len(value)))
         parts = {k: _fit(value[k], limit_bytes, chars) for k in keys}
         out_items = {k: part[0] for k, part in parts.items()}
