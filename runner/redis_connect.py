@@ -213,7 +213,6 @@ def bullmq_connection(url: str, socket_timeout_s: float) -> Any:
         # The worker's two clients each take one connection from the one pool.
         return {
             "connection_pool": _sentinel_pool(target, socket_timeout_s, decode=True, health=True),
-            "decode_responses": True,
         }
     return {**_single_options(url), **_timeouts(socket_timeout_s), "health_check_interval": 15}
 

@@ -152,6 +152,8 @@ class CountingApi:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.calls[request.headers.get("Idempotency-Key", "")] += 1
+        # Slow enough that the batch is still going when the failover comes.
+        await asyncio.sleep(0.15)
         return web.json_response({"ok": True})
 
 
@@ -213,7 +215,7 @@ async def _batch_through_failover(
             started = time.monotonic()
             before = await completed()
             await asyncio.to_thread(failover)
-            while await completed() <= before:
+            while before < RUNS and await completed() <= before:
                 assert time.monotonic() - started < 60, "no run completed after the failover"
                 await asyncio.sleep(0.02)
             resumes.append(round(time.monotonic() - started, 2))
