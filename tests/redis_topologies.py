@@ -53,7 +53,9 @@ class Sentinel:
     def start(self) -> None:
         binary = shutil.which("redis-sentinel")
         # redis-sentinel is redis-server under another name; --sentinel makes it one too.
-        argv = [binary, str(self.conf)] if binary else ["redis-server", str(self.conf), "--sentinel"]
+        argv = (
+            [binary, str(self.conf)] if binary else ["redis-server", str(self.conf), "--sentinel"]
+        )
         log = (self.directory / f"sentinel-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: _command(self.port, "PING") == "PONG", 10, "a sentinel to start")
@@ -95,8 +97,10 @@ class SentinelSet:
             s.start()
         for s in self.sentinels:
             wait_until(
-                lambda s=s: _command(s.port, "SENTINEL", "replicas", self.name).count("ip") >= 1
-                and _command(s.port, "SENTINEL", "sentinels", self.name).count("ip") >= 2,
+                lambda s=s: (
+                    _command(s.port, "SENTINEL", "replicas", self.name).count("ip") >= 1
+                    and _command(s.port, "SENTINEL", "sentinels", self.name).count("ip") >= 2
+                ),
                 20,
                 "the sentinels to see the replica and each other",
             )
@@ -191,8 +195,10 @@ class ClusterSet:
         # Every replica linked to its master, so that a CLUSTER FAILOVER can go ahead.
         for node in self.nodes:
             wait_until(
-                lambda node=node: "role:master" in _command(node.port, "INFO", "replication")
-                or "master_link_status:up" in _command(node.port, "INFO", "replication"),
+                lambda node=node: (
+                    "role:master" in _command(node.port, "INFO", "replication")
+                    or "master_link_status:up" in _command(node.port, "INFO", "replication")
+                ),
                 30,
                 "the replicas to sync",
             )

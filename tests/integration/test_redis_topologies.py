@@ -9,6 +9,8 @@ its calls per idempotency key), and the time to resume is reported.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,13 +25,18 @@ from bullmq import Queue
 from runner import redis_connect
 from runner.queue.worker import redis_options
 from tests.conftest import RedisServer, free_port, node_peer
+from tests.integration import test_status_sink
+from tests.integration.test_bull_board import BULL_BOARD, _drain, _read_until, _stop
 from tests.integration.test_health import wait_for_probe
+from tests.integration.test_status_sink import Sink, count_rows
 from tests.redis_topologies import ClusterSet, SentinelSet
 from tests.workflows import job_data
 
 pytestmark = pytest.mark.integration
 
 RUNS = 300
+# A PostgreSQL database of the test's own for the status sink (the sink tests' fixture).
+database_url = test_status_sink.database_url
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +141,61 @@ async def test_a_replica_at_run_time_makes_readyz_false(
     finally:
         server.stop()
         other.stop()
+
+
+async def _node_side_sees_the_batch(
+    url: str, prefix: str, queue_name: str, tmp_path: Path, database_url: str
+) -> None:
+    """The status sink and Bull Board on the same URL: the sink writes every run to
+    PostgreSQL, the board counts every completed job."""
+    sink = Sink(
+        tmp_path / "sink.log",
+        {
+            **os.environ,
+            "REDIS_URL": url,
+            "DATABASE_URL": database_url,
+            "STATUS_STREAM": f"{prefix}:{queue_name}:status",
+            "BLOCK_MS": "100",
+        },
+    )
+    try:
+        await asyncio.to_thread(sink.wait_started)
+        await asyncio.to_thread(
+            sink.wait, lambda: count_rows(database_url, "workflow_runs") == RUNS, "the sink", 30
+        )
+    finally:
+        sink.close()
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(BULL_BOARD),
+        env={
+            **os.environ,
+            "REDIS_URL": url,
+            "QUEUE_PREFIX": prefix,
+            "QUEUE_NAMES": queue_name,
+            "PORT": "0",
+            "HOST": "127.0.0.1",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    drain = None
+    try:
+        match = await _read_until(
+            proc.stdout, re.compile(r"bull-board: (http://\S+?)/? "), seen, 20
+        )
+        drain = asyncio.ensure_future(_drain(proc.stdout, seen))
+        async with aiohttp.ClientSession() as http:
+            listing_url = f"{match.group(1)}/api/queues?activeQueue={queue_name}&status=completed"
+            async with http.get(listing_url) as response:
+                listing = await response.json()
+        (queue,) = [q for q in listing["queues"] if q["name"] == queue_name]
+        assert queue["counts"]["completed"] == RUNS, queue["counts"]
+    finally:
+        await _stop(proc, drain)
 
 
 # --- failover mid-batch -----------------------------------------------------------------------
@@ -255,7 +317,12 @@ async def _python_producer(url: str, prefix: str, queue_name: str, base: str) ->
 
 
 async def test_sentinel_failover_and_a_killed_master_lose_no_run_and_repeat_no_step(
-    sentinel_set: SentinelSet, queue_name: str, serve: Any, runner_process: Any
+    sentinel_set: SentinelSet,
+    queue_name: str,
+    serve: Any,
+    runner_process: Any,
+    tmp_path: Path,
+    database_url: str,
 ) -> None:
     url = sentinel_set.url
 
@@ -273,13 +340,18 @@ async def test_sentinel_failover_and_a_killed_master_lose_no_run_and_repeat_no_s
     )
     assert figures["lost"] == 0 and figures["failed"] == 0 and figures["called"] == RUNS
     assert figures["repeated"] == 0
+    await _node_side_sees_the_batch(url, "bull", queue_name, tmp_path, database_url)
 
 
 async def test_cluster_failover_of_the_slot_owner_loses_no_run_and_repeats_no_step(
-    cluster_set: ClusterSet, queue_name: str, serve: Any, runner_process: Any
+    cluster_set: ClusterSet,
+    queue_name: str,
+    serve: Any,
+    runner_process: Any,
+    tmp_path: Path,
+    database_url: str,
 ) -> None:
     url = cluster_set.url
-    seeds = [f"127.0.0.1:{n.port}" for n in cluster_set.nodes[:3]]
 
     async def produce(base: str) -> None:
         # A Node producer on ioredis' Cluster, prefix {bull}
@@ -301,7 +373,6 @@ async def test_cluster_failover_of_the_slot_owner_loses_no_run_and_repeats_no_st
             },
         )
 
-    assert seeds
     figures = await _batch_through_failover(
         url,
         "{bull}",
@@ -313,3 +384,4 @@ async def test_cluster_failover_of_the_slot_owner_loses_no_run_and_repeats_no_st
     )
     assert figures["lost"] == 0 and figures["failed"] == 0 and figures["called"] == RUNS
     assert figures["repeated"] == 0
+    await _node_side_sees_the_batch(url, "{bull}", queue_name, tmp_path, database_url)
