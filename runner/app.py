@@ -34,8 +34,10 @@ from runner.metrics import RunnerMetrics
 from runner.queue import packing
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
-from runner.queue.worker import QueueWorker, redis_options
+from runner.queue.worker import QueueWorker
 from runner.redact import SECRETS
+from runner.redis_connect import RedisSetupError, preflight
+from runner.redis_connect import client as redis_client
 from runner.reporting.execlog import ExecutionLog, MongoExecutionLog
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
@@ -95,8 +97,7 @@ async def build(settings: Settings) -> Runtime:
     packing.install()
     clock = SystemClock()
     keys = Keys(settings.queue_prefix, settings.queue)
-    opts = redis_options(settings.redis_url, settings.redis_socket_timeout_s)
-    redis = aioredis.Redis(**opts)
+    redis = redis_client(settings.redis_url, settings.redis_socket_timeout_s)
     status_connection = RespConnection(
         settings.redis_url, timeout_s=settings.redis_socket_timeout_s
     )
@@ -214,16 +215,23 @@ def tune_collector() -> None:
 
 
 async def serve(settings: Settings) -> int:
-    runtime = await build(settings)
+    try:
+        runtime = await build(settings)
+    except RedisSetupError as err:
+        log.error("redis.unusable", detail=str(err))
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await runtime.redis.ping()
-    except Exception as err:
-        log.error("redis.unreachable", url=_safe_url(settings.redis_url), error=type(err).__name__)
-        await runtime.close()
+        # A wrong endpoint (a sentinel, a cluster node, a replica, an evicting Redis) stops
+        # here with one line naming it, rather than looping on errors while /readyz says ok.
+        await preflight(settings.redis_url, settings.queue_prefix)
+    except RedisSetupError as err:
+        log.error("redis.unusable", url=_safe_url(settings.redis_url), detail=str(err))
+        with contextlib.suppress(Exception):
+            await runtime.close()
         return 1
     await runtime.execlog.startup()
     runtime.cancels.start()

@@ -1,25 +1,34 @@
 """Optional probes for Kubernetes: ``/healthz`` (the worker loop is alive) and ``/readyz``
-(Redis answers), and ``/metrics`` for Prometheus (every instrument, the queue's depth read at the
-scrape). Served on ``RUNNER_HEALTH_PORT`` when it is set."""
+(Redis takes the runner's commands), and ``/metrics`` for Prometheus (every instrument, the
+queue's depth read at the scrape). Served on ``RUNNER_HEALTH_PORT`` when it is set.
+
+``/readyz`` is false when the probe's ``INFO`` fails or shows an endpoint the runner cannot
+work with (a replica after a failover, a sentinel, an evicting Redis: ``runner.redis_connect``),
+and while BullMQ's own commands fail (the worker reported an error in the last
+``RECENT_ERROR_S``), not only when the socket is closed."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
+from runner import redis_connect
 from runner.log import log
-from runner.queue.worker import redis_options
 
 if TYPE_CHECKING:
     from runner.app import Runtime
 
+RECENT_ERROR_S = 10.0
+
 
 async def serve_health(port: int, runtime: Runtime, host: str = "0.0.0.0") -> web.AppRunner:
     # A client of its own that never retries: a probe must answer at once, with the real error.
-    probe = aioredis.Redis(**{**redis_options(runtime.settings.redis_url, 1.0), "retry": None})
+    settings = runtime.settings
+    target = redis_connect.parse(settings.redis_url)
+    probe = redis_connect.client(settings.redis_url, 1.0, retry=False)
 
     async def healthz(_: web.Request) -> web.Response:
         alive = runtime.worker.alive
@@ -27,10 +36,15 @@ async def serve_health(port: int, runtime: Runtime, host: str = "0.0.0.0") -> we
 
     async def readyz(_: web.Request) -> web.Response:
         try:
-            async with asyncio.timeout(1):
-                await probe.ping()
+            async with asyncio.timeout(2):
+                await redis_connect.check(probe, target, settings.queue_prefix)
+        except redis_connect.RedisSetupError as err:
+            return web.json_response({"redis": str(err)}, status=503)
         except Exception as err:
-            return web.json_response({"redis": type(err).__name__}, status=503)
+            return web.json_response({"redis": redis_connect.describe(err)}, status=503)
+        failed_at = runtime.worker.last_error_at
+        if failed_at is not None and time.monotonic() - failed_at < RECENT_ERROR_S:
+            return web.json_response({"redis": runtime.worker.last_error}, status=503)
         return web.json_response({"redis": "ok"})
 
     async def metrics(_: web.Request) -> web.Response:

@@ -9,8 +9,14 @@ runner's CPU on a three-step workflow (``docs/performance.md``). ``RespConnectio
 what batches need: write one buffer, read as many replies, all within one timeout. After any
 failure it closes; the next call connects again.
 
-Connection options come from the same ``redis://``, ``rediss://`` or ``unix://`` URL as the
-rest of the runner: host, port, database, username, password, TLS (``ssl_*`` parameters).
+Connection options come from the same ``RUNNER_REDIS_URL`` as the rest of the runner
+(``runner.redis_connect``): host, port, database, username, password, TLS (``ssl_*``
+parameters). Behind Sentinel each connect asks the sentinels for the master; on a Cluster a
+``MOVED`` reply names the slot's owner, and the commands go there at once (every key the
+runner writes is in the queue's slot). A reply that says the node cannot take writes now
+(``READONLY`` after a failover, ``TRYAGAIN``, ``CLUSTERDOWN``, ``ASK`` during a slot move,
+``LOADING``, ``MASTERDOWN``) closes the connection and raises ``ConnectionError``, so callers
+retry as after any lost connection.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import hiredis
 from redis.asyncio.connection import parse_url
 
+from runner import redis_connect
 from runner.deadline import deadline
 from runner.log import log
 
@@ -33,6 +40,14 @@ Arg = bytes | str | int
 Command = tuple[Arg, ...] | bytes
 
 ReplyError = hiredis.ReplyError
+
+# Replies that mean "not here, not now": the batch did not run; connect again and resend.
+_UNAVAILABLE = (b"READONLY", b"TRYAGAIN", b"CLUSTERDOWN", b"ASK ", b"LOADING", b"MASTERDOWN")
+_UNAVAILABLE_TEXT = tuple(p.decode() for p in _UNAVAILABLE)
+
+
+class Redirected(ConnectionError):
+    """A ``MOVED`` reply: the slot lives on another node, which the connection now knows."""
 
 
 def pack(commands: list[Command]) -> bytes:
@@ -137,8 +152,18 @@ class RespConnection:
     def __init__(self, url: str, *, timeout_s: float, decode: bool = False) -> None:
         """``decode``: bulk strings come back as ``str`` (UTF-8, invalid bytes replaced), as
         from a redis-py client with ``decode_responses``; else as ``bytes``."""
-        self.options: dict[str, Any] = dict(parse_url(url))
-        self.tls = url.startswith("rediss://")
+        self.target = redis_connect.parse(url)
+        if self.target.kind == "single":
+            self.options: dict[str, Any] = dict(parse_url(url))
+            self.tls = url.startswith("rediss://")
+        else:
+            t = self.target
+            self.options = {"username": t.username, "password": t.password, "db": t.db}
+            self.options.update(t.tls_options())
+            self.tls = t.tls
+        # Cluster: the node a MOVED named; the seed to try next when it is unknown or gone.
+        self._address: tuple[str, int] | None = None
+        self._seed = 0
         self.timeout_s = timeout_s
         self.decode = decode
         self._reader: asyncio.StreamReader | None = None
@@ -157,13 +182,24 @@ class RespConnection:
         error is returned as a ``ReplyError`` in its place, not raised. With ``transaction``
         they run inside ``MULTI``/``EXEC``. Raises ``OSError`` (``ConnectionError``,
         ``TimeoutError``) when the connection fails; the connection is then closed."""
+        for _ in range(3):
+            try:
+                return await self._execute(commands, transaction)
+            except Redirected:
+                continue  # straight to the node the MOVED named
+        raise ConnectionError("Redis Cluster kept redirecting the commands")
+
+    async def _execute(self, commands: list[Command], transaction: bool) -> list[Any]:
         try:
             async with deadline(self.timeout_s):
                 if self._writer is None:
                     await self._connect()
                 if not transaction:
-                    return await self._round_trip(commands)
+                    replies = await self._round_trip(commands)
+                    self._check_available(replies)
+                    return replies
                 replies = await self._round_trip([(b"MULTI",), *commands, (b"EXEC",)])
+                self._check_available(replies[1:-1])
                 result = replies[-1]
                 if isinstance(result, ReplyError):
                     # EXECABORT: a command was refused while queueing; name the first refusal.
@@ -175,6 +211,19 @@ class RespConnection:
         except BaseException:
             self.close()
             raise
+
+    def _check_available(self, replies: list[Any]) -> None:
+        for reply in replies:
+            if reply.__class__ is not ReplyError:
+                continue
+            text = str(reply)
+            if text.startswith("MOVED ") and self.target.kind == "cluster":
+                host, _, port = text.split(" ")[-1].rpartition(":")
+                current = self._address or self.target.nodes[0]
+                self._address = (host or current[0], int(port))
+                raise Redirected(text)
+            if text.startswith(_UNAVAILABLE_TEXT) or text.startswith("MOVED "):
+                raise ConnectionError(f"Redis cannot take the commands now: {text[:120]}")
 
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
         assert self._writer is not None and self._reader is not None
@@ -198,13 +247,17 @@ class RespConnection:
             self._reader, self._writer = await asyncio.open_unix_connection(o["path"])
         else:
             context = _tls_context(o) if self.tls else None
-            host = o.get("host", "127.0.0.1")
-            self._reader, self._writer = await asyncio.open_connection(
-                host,
-                int(o.get("port", 6379)),
-                ssl=context,
-                server_hostname=host if context else None,
-            )
+            host, port = await self._where()
+            try:
+                self._reader, self._writer = await asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=host if context else None
+                )
+            except OSError:
+                if self.target.kind == "cluster":
+                    # The node is gone (a failover): start again from the next seed.
+                    self._address = None
+                    self._seed += 1
+                raise
         self._parser = self._new_parser()
         setup: list[Command] = []
         if o.get("password") is not None:
@@ -217,6 +270,14 @@ class RespConnection:
                 if isinstance(reply, ReplyError):
                     # The server's words (wrong password, no such user): never the password.
                     raise ConnectionError(f"Redis refused the connection setup: {reply}")
+
+    async def _where(self) -> tuple[str, int]:
+        t = self.target
+        if t.kind == "single":
+            return self.options.get("host", "127.0.0.1"), int(self.options.get("port", 6379))
+        if t.kind == "sentinel":
+            return await redis_connect.locate(t, min(self.timeout_s, 5.0))
+        return self._address or t.nodes[self._seed % len(t.nodes)]
 
     def close(self) -> None:
         if self._writer is not None:

@@ -29,7 +29,7 @@ class Settings:
     redis_url: str = _setting(
         "RUNNER_REDIS_URL",
         "redis://127.0.0.1:6379/0",
-        "Redis of the queue: redis://, rediss:// (TLS) or unix://",
+        "Redis of the queue: redis://, rediss:// (TLS), unix://, redis+sentinel://h:p,.../<master>[/<db>] or redis+cluster://h:p,... (rediss+ for TLS)",
     )
     queue_prefix: str = _setting("RUNNER_QUEUE_PREFIX", "bull", "BullMQ key prefix")
     queue: str = _setting("RUNNER_QUEUE", "workflow-runs", "BullMQ queue name")

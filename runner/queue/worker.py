@@ -20,12 +20,12 @@ FIELD-NOTES lists them; each has its answer here:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bullmq import Worker
 from bullmq.custom_errors import DelayedError, UnrecoverableError
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from runner.errors import RetryLater
 from runner.log import log
@@ -38,28 +38,18 @@ from runner.queue.naming import (
     queue_client_name,
     with_processed_by,
 )
+from runner.redis_connect import bullmq_connection
 from runner.resp import RespConnection
 from runner.settings import Settings
 
 Handler = Callable[[Any, str], Awaitable[Any]]
 
 
-def redis_options(url: str, socket_timeout_s: float) -> dict[str, Any]:
-    """Connection options for BullMQ's clients (``redis.asyncio.Redis`` keywords) from a
-    ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL. Query parameters pass through:
-    ``rediss://host:6380/0?ssl_ca_certs=/etc/redis/ca.pem``."""
-    opts: dict[str, Any] = dict(parse_url(url))
-    # parse_url names a connection class, which Redis() does not take: say it its own way.
-    kind = opts.pop("connection_class", None)
-    if kind is not None and issubclass(kind, UnixDomainSocketConnection):
-        opts["unix_socket_path"] = opts.pop("path")
-    elif kind is not None and issubclass(kind, SSLConnection):
-        opts["ssl"] = True
-    opts["socket_timeout"] = socket_timeout_s
-    opts["socket_connect_timeout"] = min(socket_timeout_s, 10.0)
-    opts["socket_keepalive"] = True
-    opts["health_check_interval"] = 15
-    return opts
+def redis_options(url: str, socket_timeout_s: float) -> Any:
+    """Connection options for BullMQ's clients from ``RUNNER_REDIS_URL``: the keywords of a
+    ``redis.asyncio.Redis`` (single node, Sentinel) or a ``RedisCluster``
+    (``runner.redis_connect``)."""
+    return bullmq_connection(url, socket_timeout_s)
 
 
 class QueueWorker:
@@ -74,6 +64,9 @@ class QueueWorker:
         self.loop_died = asyncio.Event()
         self._run_task: asyncio.Task[Any] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # The last error BullMQ's loop reported (monotonic time, one line): /readyz reads it.
+        self.last_error_at: float | None = None
+        self.last_error = ""
         # Completions go out in batches on a connection of their own (runner.queue.finish),
         # decoded as bullmq's client decodes.
         self._finish_connection = RespConnection(
@@ -154,6 +147,8 @@ class QueueWorker:
             raise RuntimeError(f"INTERNAL: {type(err).__name__}") from None
 
     def _on_error(self, err: Any, *args: Any) -> None:
+        self.last_error_at = time.monotonic()
+        self.last_error = f"{type(err).__name__}: {str(err)[:200]}"
         log.warning("worker.error", error=type(err).__name__, detail=str(err)[:300])
 
     async def close(

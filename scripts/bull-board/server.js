@@ -17,6 +17,7 @@
 const http = require('node:http');
 const express = require('express');
 const IORedis = require('ioredis');
+const { createRedis, checkPrefix } = require('./redis-url');
 const { Queue } = require('bullmq');
 const { createBullBoard } = require('@bull-board/api');
 const { BullMQAdapter } = require('@bull-board/api/bullMQAdapter');
@@ -64,7 +65,15 @@ async function main() {
   const settings = readSettings(process.env);
   // One shared connection: the board only reads and issues short commands, never blocks.
   // maxRetriesPerRequest null is what BullMQ requires of connections it is handed.
-  const connection = new IORedis(settings.redisUrl, { maxRetriesPerRequest: null });
+  // One server, Sentinel or Cluster, as RUNNER_REDIS_URL names them (redis-url.js).
+  let connection;
+  try {
+    checkPrefix(settings.redisUrl, settings.prefix);
+    connection = createRedis(IORedis, settings.redisUrl, { maxRetriesPerRequest: null });
+  } catch (error) {
+    console.error(`bull-board: ${error.message}`);
+    process.exit(2);
+  }
   connection.on('error', (error) => {
     // ioredis reconnects by itself; log the cause without the URL (it may hold a password).
     console.error(`bull-board: redis error: ${error.code || error.message}`);

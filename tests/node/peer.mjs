@@ -16,10 +16,13 @@
 import { readFileSync } from 'node:fs';
 import { Queue, QueueEvents, QueueEventsProducer } from 'bullmq';
 import IORedis from 'ioredis';
+import redisUrl from '../../scripts/status-sink/src/redis-url.js';
 
 const [command, specPath] = process.argv.slice(2);
 const spec = JSON.parse(readFileSync(specPath === '-' ? 0 : specPath, 'utf8'));
-const connection = () => new IORedis(spec.redis ?? 'redis://127.0.0.1:6379/0', { maxRetriesPerRequest: null });
+// Any of the runner's URL forms: one server, Sentinel or Cluster.
+const connection = () =>
+  redisUrl.createRedis(IORedis, spec.redis ?? 'redis://127.0.0.1:6379/0', { maxRetriesPerRequest: null });
 const prefix = spec.prefix ?? 'bull';
 const queueName = spec.queue ?? 'workflow-runs';
 

@@ -11,9 +11,11 @@ const pg = require('pg');
 const { loadConfig, redactUrl } = require('./config');
 const { log, describeError } = require('./log');
 const { StatusSink } = require('./sink');
+const { createRedis } = require('./redis-url');
 
 function buildRedis(config) {
-  const redis = new Redis(config.redisUrl, {
+  // One server, Sentinel or Cluster, as RUNNER_REDIS_URL names them (redis-url.js).
+  const redis = createRedis(Redis, config.redisUrl, {
     // Commands wait for the reconnect instead of failing after 20 tries: an outage only pauses.
     maxRetriesPerRequest: null,
     // RESP2 reply shapes, the ones the reply parsing in sink.js reads.
@@ -61,7 +63,13 @@ async function main() {
     database: redactUrl(config.databaseUrl),
   });
 
-  const redis = buildRedis(config);
+  let redis;
+  try {
+    redis = buildRedis(config);
+  } catch (err) {
+    log('error', 'bad_config', describeError(err)); // a REDIS_URL of no known form
+    process.exit(2);
+  }
   const pool = buildPool(config);
   const sink = new StatusSink({ config, redis, pool });
 
