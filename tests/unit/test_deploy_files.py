@@ -483,3 +483,11 @@ def test_every_runner_variable_mentioned_is_a_setting(path: Path) -> None:
     mentioned.discard("RUNNER_REPLICAS")
     assert mentioned, "mentions no setting at all"
     assert mentioned <= known, sorted(mentioned - known)
+
+
+def test_the_node_side_redis_url_helper_is_one_file_in_two_places() -> None:
+    # The status sink and Bull Board are deployed alone, so each carries its own copy of the
+    # URL helper; they must stay the same file, or the two would read RUNNER_REDIS_URL apart.
+    sink = (ROOT / "scripts/status-sink/src/redis-url.js").read_bytes()
+    board = (ROOT / "scripts/bull-board/redis-url.js").read_bytes()
+    assert sink == board
