@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from runner import jsonlimits, telemetry
+from runner import expressions, jsonlimits, telemetry
 from runner.controlplane import ControlPlane
 from runner.credentials import CredentialSource, parse_key
 from runner.definitions import DefinitionStore
@@ -84,6 +84,10 @@ async def build(settings: Settings) -> Runtime:
         jsonlimits.configure(settings.max_json_depth)
     except ValueError as err:
         raise SystemExit(f"RUNNER_MAX_JSON_DEPTH: {err}") from None
+    try:
+        expressions.configure(settings.expression_budget, settings.expression_max_result_bytes)
+    except ValueError as err:
+        raise SystemExit(f"RUNNER_EXPRESSION_BUDGET: {err}") from None
     process_secrets = tuple(
         v for v in (settings.control_plane_token, settings.credentials_key) if v
     )

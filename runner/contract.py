@@ -62,6 +62,11 @@ class Step(Owned, frozen=True):
     retry: RetryOverride | None = None
     timeout_ms: int | None = None
     extract: dict[str, str] = {}
+    # --- map over items (docs/contract.md, "forEach") ---
+    # An expression yielding a list: "{{ input.ids }}" or bare "input.ids"; absent: one call.
+    for_each: str | None = None
+    max_parallel: int = 1
+    on_item_error: Literal["fail", "continue"] = "fail"
 
 
 class Graph(Owned, frozen=True):

@@ -72,6 +72,21 @@ class Settings:
         128,
         "JSON nested deeper (job data, definitions, responses) is refused; at most 256",
     )
+    expression_budget: int = _setting(
+        "RUNNER_EXPRESSION_BUDGET",
+        100_000,
+        "work one template expression may do (nodes visited, elements and characters built)",
+    )
+    expression_max_result_bytes: int = _setting(
+        "RUNNER_EXPRESSION_MAX_RESULT_BYTES",
+        1024 * 1024,
+        "largest value (as JSON) one template expression may produce",
+    )
+    max_foreach_items: int = _setting(
+        "RUNNER_MAX_FOREACH_ITEMS",
+        10_000,
+        "a forEach step over more items fails with TEMPLATE_ERROR",
+    )
     worker_name: str = _setting(
         "RUNNER_WORKER_NAME", "", "worker name in Bull Board; empty means host-pid"
     )

@@ -50,8 +50,19 @@ from runner.contract import (
 from runner.engine.plan import STEP_KEY, StepPlan, compile_plan, find_cycle
 from runner.engine.schemas import ACTION_SCHEMA_FIELDS, compile_schema, compile_schemas
 from runner.errors import DefinitionError
+from runner.expressions import root_chains
 from runner.http.request import base_url_for, path_params
-from runner.templating import Ref, compile_jsonpath, compile_value, refs_of
+from runner.templating import (
+    ITEM_ROOTS,
+    ROOTS,
+    Compiled,
+    Ref,
+    compile_for_each,
+    compile_jsonpath,
+    compile_value,
+    exprs_of,
+    refs_of,
+)
 
 USAGE = "usage: python -m runner validate FILE    (FILE '-' reads standard input)"
 
@@ -247,22 +258,43 @@ class _Checker:
         action = self.version.actions.get(step.action_id)
         if action is not None:
             fields.append((action.headers_template, f"$.actions.{action.id}.headersTemplate"))
+        roots = ITEM_ROOTS if step.for_each is not None else ROOTS
         for value, at in fields:
             for text, leaf in _strings(value, at):
                 try:
-                    compiled = compile_value(text, leaf)
+                    compiled = compile_value(text, leaf, roots)
                 except DefinitionError as err:
                     self.add(err.message)
                     continue
-                for ref, ref_where in refs_of(compiled):
-                    problem = self._ref_problem(ref, ref_where, step.key, upstream)
-                    if problem:
-                        self.add(f"{ref_where}: '{{{{ {ref.text} }}}}' {problem}")
+                self._references(compiled, step.key, upstream)
+        if step.for_each is not None:
+            try:
+                self._references(
+                    compile_for_each(step.for_each, f"{where}.forEach"), step.key, upstream
+                )
+            except DefinitionError as err:
+                self.add(err.message)
+            if step.max_parallel < 1:
+                self.add(f"{where}.maxParallel: must be 1 or more")
+        elif step.max_parallel != 1 or step.on_item_error != "fail":
+            self.add(f"{where}: maxParallel and onItemError need forEach")
         for name, path in step.extract.items():
             try:
                 compile_jsonpath(path, f"{where}.extract.{name}")
             except DefinitionError as err:
                 self.add(err.message)
+
+    def _references(self, compiled: Compiled, step_key: str, upstream: set[str]) -> None:
+        """Each reference, a path's or the head of an expression's chain, can exist here."""
+        found = [(ref, at) for ref, at in refs_of(compiled)]
+        for expr, at in exprs_of(compiled):
+            for chain in root_chains(expr.tree):
+                if chain and isinstance(chain[0], str):
+                    found.append((Ref(expr.text, chain[0], chain[1:]), at))
+        for ref, ref_where in found:
+            problem = self._ref_problem(ref, ref_where, step_key, upstream)
+            if problem:
+                self.add(f"{ref_where}: '{{{{ {ref.text} }}}}' {problem}")
 
     def _ref_problem(self, ref: Ref, where: str, step_key: str, upstream: set[str]) -> str | None:
         path = ref.path

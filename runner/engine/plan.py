@@ -17,7 +17,15 @@ from runner.contract import Action, Step, WorkflowVersion
 from runner.engine.schemas import PlanSchemas, compile_schemas
 from runner.errors import DefinitionError
 from runner.retry import RetryPolicy, policy_for
-from runner.templating import Compiled, JsonPath, compile_jsonpath, compile_value
+from runner.templating import (
+    ITEM_ROOTS,
+    ROOTS,
+    Compiled,
+    JsonPath,
+    compile_for_each,
+    compile_jsonpath,
+    compile_value,
+)
 
 STEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # use with fullmatch
 
@@ -39,6 +47,9 @@ class StepPlan:
     extract: tuple[tuple[str, JsonPath], ...]
     policy: RetryPolicy
     timeout_ms: int
+    # A map step: the expression yielding its items (None: one call), at most this many at once.
+    for_each: Compiled | None = None
+    max_parallel: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,15 @@ def compile_plan(version: WorkflowVersion) -> Plan:
         timeout_ms = step.timeout_ms if step.timeout_ms is not None else action.timeout_ms
         if timeout_ms <= 0:
             raise DefinitionError(f"{where}.timeoutMs: must be above 0")
+        for_each = None
+        roots = ROOTS
+        if step.for_each is not None:
+            for_each = compile_for_each(step.for_each, f"{where}.forEach")
+            roots = ITEM_ROOTS
+            if step.max_parallel < 1:
+                raise DefinitionError(f"{where}.maxParallel: must be 1 or more")
+        elif step.max_parallel != 1 or step.on_item_error != "fail":
+            raise DefinitionError(f"{where}: maxParallel and onItemError need forEach")
         steps.append(
             StepPlan(
                 index=i,
@@ -94,20 +114,26 @@ def compile_plan(version: WorkflowVersion) -> Plan:
                 step=step,
                 action=action,
                 depends_on=depends_on,
-                when=compile_value(step.when, f"{where}.when") if step.when is not None else None,
-                path=compile_value(step.input.path, f"{where}.input.path"),
-                query=compile_value(step.input.query, f"{where}.input.query"),
-                headers=compile_value(step.input.headers, f"{where}.input.headers"),
-                action_headers=compile_value(
-                    action.headers_template, f"$.actions.{action.id}.headersTemplate"
+                when=(
+                    compile_value(step.when, f"{where}.when", roots)
+                    if step.when is not None
+                    else None
                 ),
-                body=compile_value(step.input.body, f"{where}.input.body"),
+                path=compile_value(step.input.path, f"{where}.input.path", roots),
+                query=compile_value(step.input.query, f"{where}.input.query", roots),
+                headers=compile_value(step.input.headers, f"{where}.input.headers", roots),
+                action_headers=compile_value(
+                    action.headers_template, f"$.actions.{action.id}.headersTemplate", roots
+                ),
+                body=compile_value(step.input.body, f"{where}.input.body", roots),
                 extract=tuple(
                     (name, compile_jsonpath(path, f"{where}.extract.{name}"))
                     for name, path in step.extract.items()
                 ),
                 policy=policy_for(action, step.retry),
                 timeout_ms=timeout_ms,
+                for_each=for_each,
+                max_parallel=step.max_parallel,
             )
         )
         previous = step.key

@@ -274,12 +274,12 @@ class Engine:
         res = StepResult(sp.key, "FAILED", started_ms=self.clock.now_ms())
         failed_unsent = False
         try:
-            if not should_run(sp, state.scope):
+            if not should_run(sp, state.scope, self.clock.now_ms):
                 res.status = "SKIPPED"
                 res.started_ms = None
                 await reporter.step_done(res, 0)
                 return res
-            request = prepare_request(sp, ctx, state.scope, state.plan.schemas)
+            request = prepare_request(sp, ctx, state.scope, state.plan.schemas, self.clock.now_ms)
             res.output = await run_attempts(
                 sp,
                 ctx,

@@ -9,7 +9,7 @@ with ``WORKFLOW_TIMEOUT`` at once (``runner.retry.decide``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -59,15 +59,23 @@ def idempotency_key(run_id: str, step_key: str) -> str:
     return f"{run_id}:{step_key}"
 
 
-def should_run(sp: StepPlan, scope: Mapping[str, Any]) -> bool:
-    return sp.when is None or truthy(render(sp.when, scope))
+def should_run(
+    sp: StepPlan, scope: Mapping[str, Any], now_ms: Callable[[], int] | None = None
+) -> bool:
+    return sp.when is None or truthy(render(sp.when, scope, now_ms))
 
 
 def prepare_request(
-    sp: StepPlan, ctx: RunContext, scope: Mapping[str, Any], schemas: PlanSchemas
+    sp: StepPlan,
+    ctx: RunContext,
+    scope: Mapping[str, Any],
+    schemas: PlanSchemas,
+    now_ms: Callable[[], int] | None = None,
+    idempotency: str | None = None,
 ) -> HttpRequest:
     """Render the step's input into a request and check it against the Action's schemas.
-    Raises ``TemplateError`` or ``SchemaError`` before any I/O."""
+    ``now_ms`` is the clock an expression's ``now()`` reads; ``idempotency`` the key to send
+    (the step's own by default). Raises ``TemplateError`` or ``SchemaError`` before any I/O."""
     connection = _connection_of(sp, ctx)
     base = connection.config.base_url if connection else None
     if connection is not None and not base:
@@ -82,10 +90,10 @@ def prepare_request(
     )
     extra = {}
     if sp.action.idempotency_header:
-        extra[sp.action.idempotency_header] = idempotency_key(ctx.run_id, sp.key)
-    path = _mapping(render(sp.path, scope), f"{sp.where}.input.path")
-    query = _mapping(render(sp.query, scope), f"{sp.where}.input.query")
-    body = render(sp.body, scope)
+        extra[sp.action.idempotency_header] = idempotency or idempotency_key(ctx.run_id, sp.key)
+    path = _mapping(render(sp.path, scope, now_ms), f"{sp.where}.input.path")
+    query = _mapping(render(sp.query, scope, now_ms), f"{sp.where}.input.query")
+    body = render(sp.body, scope, now_ms)
     check_request(schemas, sp.key, path, query, body)
     try:
         return build_request(
@@ -95,8 +103,8 @@ def prepare_request(
             path=path,
             query=query,
             header_layers=(
-                _mapping(render(sp.action_headers, scope), f"$.actions.{sp.action.id}"),
-                _mapping(render(sp.headers, scope), f"{sp.where}.input.headers"),
+                _mapping(render(sp.action_headers, scope, now_ms), f"$.actions.{sp.action.id}"),
+                _mapping(render(sp.headers, scope, now_ms), f"{sp.where}.input.headers"),
                 extra,
             ),
             body=body,
