@@ -178,6 +178,7 @@ async def build(settings: Settings) -> Runtime:
         worker_id=settings.name,
         max_job_bytes=settings.max_job_bytes,
         long_wait_ms=int(settings.long_wait_s * 1000),
+        max_foreach_items=settings.max_foreach_items,
         process_secrets=process_secrets,
         telemetry=tel,
     )

@@ -196,6 +196,13 @@ class StepEvent(msgspec.Struct, rename="camel", kw_only=True):
     error_message: str | None = None
 
 
+class MapStepEvent(StepEvent, kw_only=True):
+    """A ``forEach`` step's event: a step event plus its item counts
+    (``{"total", "succeeded", "failed"}``); there is no event per item."""
+
+    items: dict[str, int]
+
+
 # --- decoding ------------------------------------------------------------------------------
 
 _job_decoder = msgspec.json.Decoder(JobData)

@@ -58,6 +58,7 @@ class RunService:
     worker_id: str
     max_job_bytes: int
     long_wait_ms: int = 30_000
+    max_foreach_items: int = 10_000
     process_secrets: tuple[str, ...] = ()
     telemetry: Telemetry = NOOP
     _hand_backs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
@@ -246,7 +247,9 @@ class RunService:
             secrets=secrets,
             restored={k: v for k, v in checkpoint.steps.items() if k in plan.by_key},
             resume_attempts=checkpoint.resume_attempts,
+            restored_items=checkpoint.items,
             long_wait_ms=self.long_wait_ms,
+            max_foreach_items=self.max_foreach_items,
         )
 
     async def _canceled_before_start(

@@ -258,8 +258,9 @@ class _Checker:
         action = self.version.actions.get(step.action_id)
         if action is not None:
             fields.append((action.headers_template, f"$.actions.{action.id}.headersTemplate"))
-        roots = ITEM_ROOTS if step.for_each is not None else ROOTS
+        item_roots = ITEM_ROOTS if step.for_each is not None else ROOTS
         for value, at in fields:
+            roots = ROOTS if at.endswith(".when") else item_roots
             for text, leaf in _strings(value, at):
                 try:
                     compiled = compile_value(text, leaf, roots)

@@ -115,9 +115,8 @@ def compile_plan(version: WorkflowVersion) -> Plan:
                 action=action,
                 depends_on=depends_on,
                 when=(
-                    compile_value(step.when, f"{where}.when", roots)
-                    if step.when is not None
-                    else None
+                    # Decided once for the whole step: a forEach filters its items itself.
+                    compile_value(step.when, f"{where}.when") if step.when is not None else None
                 ),
                 path=compile_value(step.input.path, f"{where}.input.path", roots),
                 query=compile_value(step.input.query, f"{where}.input.query", roots),

@@ -65,12 +65,30 @@ class StepResult:
     # When DEFERRED: the attempt to start with, and when.
     next_attempt: int = 1
     resume_at_ms: int = 0
+    # A forEach step's item counts (None for a step that is one call).
+    items: ItemCounts | None = None
 
     @property
     def duration_ms(self) -> int:
         if self.started_ms is None or self.finished_ms is None:
             return 0
         return self.finished_ms - self.started_ms
+
+
+@dataclass(slots=True)
+class ItemCounts:
+    """A ``forEach`` step's items: how many, and how many have ended each way so far."""
+
+    total: int
+    succeeded: int = 0
+    failed: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed
+
+    def as_wire(self) -> dict[str, int]:
+        return {"total": self.total, "succeeded": self.succeeded, "failed": self.failed}
 
 
 @dataclass(slots=True)
@@ -93,6 +111,12 @@ class Reporter(Protocol):
     async def step_running(self, key: str, attempt: int, started_ms: int) -> None: ...
     async def attempt_done(self, attempt: Attempt) -> None: ...
     async def step_done(self, result: StepResult, attempt: int) -> None: ...
+    # forEach: the step's one RUNNING event (with its item counts), and each item's end
+    # (its checkpoint; progress now and then), never an event per item.
+    async def map_running(self, key: str, started_ms: int, counts: ItemCounts) -> None: ...
+    async def item_done(
+        self, key: str, index: int, result: StepResult, counts: ItemCounts
+    ) -> None: ...
     async def run_done(
         self, status: RunStatus, error: RunnerError | None, steps: dict[str, StepResult]
     ) -> None: ...
@@ -117,6 +141,10 @@ class RunContext:
     restored: dict[str, StepResult] = field(default_factory=dict)
     # Steps deferred by an earlier delivery: the attempt each continues with.
     resume_attempts: dict[str, int] = field(default_factory=dict)
+    # forEach items finished before this delivery, by step key and index.
+    restored_items: dict[str, dict[int, StepResult]] = field(default_factory=dict)
+    # A forEach over more items than this fails (RUNNER_MAX_FOREACH_ITEMS).
+    max_foreach_items: int = 10_000
     cancel: Callable[[], asyncio.Future[str]] | None = None
     # Resolves when the process must give the run back (shutdown after the grace period).
     hand_back: Callable[[], asyncio.Future[str]] | None = None

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from runner.engine.map import ItemFailed, run_items
 from runner.engine.plan import Plan, StepPlan
 from runner.engine.ports import (
     Clock,
@@ -279,6 +280,20 @@ class Engine:
                 res.started_ms = None
                 await reporter.step_done(res, 0)
                 return res
+            if sp.for_each is not None:
+                res.output = await run_items(
+                    sp,
+                    ctx,
+                    state.scope,
+                    state.plan.schemas,
+                    transport=self.transport,
+                    reporter=reporter,
+                    clock=self.clock,
+                    span=span,
+                    result=res,
+                )
+                res.status = "SUCCESS"
+                return await self._ended(reporter, res)
             request = prepare_request(sp, ctx, state.scope, state.plan.schemas, self.clock.now_ms)
             res.output = await run_attempts(
                 sp,
@@ -297,6 +312,8 @@ class Engine:
             res.status = "DEFERRED"
             res.next_attempt, res.resume_at_ms = deferral.next_attempt, deferral.resume_at_ms
             return res
+        except ItemFailed as failed:
+            res.status, res.error = "FAILED", failed.error
         except RunnerError as caught:
             err = caught.as_record()
             if not err.message.startswith(("$", f"{sp.key}:")):
@@ -322,6 +339,9 @@ class Engine:
             res.attempts = 1
             await reporter.step_running(sp.key, 1, res.started_ms or self.clock.now_ms())
             res.attempts = 0
+        return await self._ended(reporter, res)
+
+    async def _ended(self, reporter: Reporter, res: StepResult) -> StepResult:
         res.finished_ms = self.clock.now_ms()
         await reporter.step_done(res, max(res.attempts, 1) if res.started_ms else 0)
         return res

@@ -5,7 +5,7 @@ continues at the first unfinished step and never calls a finished one again.
 The hash itself is written by ``runner.reporting.stream`` together with each event; its fields:
 ``seq``, ``startedAt``, ``step:<key>`` holding the step's result as JSON (redacted), and
 ``resume:<key>``, the attempt a deferred step continues at (written when the job is handed
-back to BullMQ).
+back to BullMQ), and ``item:<key>:<index>``, a ``forEach`` item's result, as a step's.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class Checkpoint:
     steps: dict[str, StepResult] = field(default_factory=dict)
     # Steps that an earlier delivery deferred, with the attempt each continues at.
     resume_attempts: dict[str, int] = field(default_factory=dict)
+    # forEach items that finished, by step key and index.
+    items: dict[str, dict[int, StepResult]] = field(default_factory=dict)
 
 
 def parse_checkpoint(raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Checkpoint:
@@ -56,26 +58,37 @@ def parse_checkpoint(raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Checkp
         elif key.startswith("resume:"):
             cp.resume_attempts[key[7:]] = int(v)
         elif key.startswith("step:"):
-            try:
-                saved = _decode_saved(v)
-            except msgspec.DecodeError:
-                continue  # an unreadable entry: the step runs again, which is the safe side
-            if saved.status not in _RESUMABLE:
-                continue
-            error = None
-            if saved.error_code:
-                try:
-                    code = ErrorCode(saved.error_code)
-                except ValueError:
-                    code = ErrorCode.INTERNAL
-                error = RunnerError(saved.error_message or "", code=code)
-            cp.steps[key[5:]] = StepResult(
-                key=key[5:],
-                status=saved.status,  # type: ignore[arg-type]
-                attempts=saved.attempts,
-                started_ms=saved.started_at,
-                finished_ms=saved.finished_at,
-                output=saved.output,
-                error=error,
-            )
+            result = _result_of(key[5:], v)
+            if result is not None:
+                cp.steps[key[5:]] = result
+        elif key.startswith("item:"):
+            step_key, _, index = key[5:].rpartition(":")
+            item = _result_of(step_key, v)
+            if item is not None and index.isdigit():
+                cp.items.setdefault(step_key, {})[int(index)] = item
     return cp
+
+
+def _result_of(key: str, raw: bytes) -> StepResult | None:
+    try:
+        saved = _decode_saved(raw)
+    except msgspec.DecodeError:
+        return None  # an unreadable entry: the step runs again, which is the safe side
+    if saved.status not in _RESUMABLE:
+        return None
+    error = None
+    if saved.error_code:
+        try:
+            code = ErrorCode(saved.error_code)
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        error = RunnerError(saved.error_message or "", code=code)
+    return StepResult(
+        key=key,
+        status=saved.status,  # type: ignore[arg-type]
+        attempts=saved.attempts,
+        started_ms=saved.started_at,
+        finished_ms=saved.finished_at,
+        output=saved.output,
+        error=error,
+    )

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from runner.contract import RunEvent, StepEvent
-from runner.engine.ports import Attempt, RunStatus, StepResult
+from runner.contract import MapStepEvent, RunEvent, StepEvent
+from runner.engine.ports import Attempt, ItemCounts, RunStatus, StepResult
 from runner.errors import RunnerError
 from runner.log import log
 from runner.reporting.execlog import ExecutionLog, Level, LogLine
@@ -146,6 +146,34 @@ class RunReporter:
             lines=(f"{key} RUNNING attempt {attempt}",),
         )
 
+    async def map_running(self, key: str, started_ms: int, counts: ItemCounts) -> None:
+        event = self._step_event(key, "RUNNING", 1, started_ms=started_ms, items=counts)
+        await self._publish(event, None, lines=(f"{key} RUNNING over {counts.total} items",))
+
+    async def item_done(self, key: str, index: int, result: StepResult, counts: ItemCounts) -> None:
+        """The item's checkpoint, and BullMQ progress about every 5% of the items; no event."""
+        output_json = None
+        if result.status == "SUCCESS":
+            output_json = self.redact.json(result.output)
+        checkpoint = {f"item:{key}:{index}": self.redact.json(_checkpoint_of(result, output_json))}
+        progress = None
+        lines: tuple[str, ...] = ()
+        step = max(1, counts.total // 20)
+        if counts.finished % step == 0 or counts.finished == counts.total:
+            progress = {**self._progress(key, "RUNNING"), "items": counts.as_wire()}
+        if result.error is not None:
+            lines = (self._line(f"{key} item {index} FAILED: {result.error}"),)
+        await self._write(
+            Transition(
+                self.run_id,
+                self.job_id,
+                checkpoint=checkpoint,
+                progress=_encode(progress) if progress is not None else None,
+                log_lines=lines,
+                keep_logs=self.keep_logs,
+            )
+        )
+
     async def attempt_done(self, attempt: Attempt) -> None:
         if attempt.possible_duplicate:
             self.warn(
@@ -214,6 +242,7 @@ class RunReporter:
             finished_ms=result.finished_ms,
             output=preview(output_json) if output_json is not None else None,
             error=error,
+            items=result.items,
         )
         fields = _checkpoint_of(result, output_json)
         checkpoint = {
@@ -228,6 +257,8 @@ class RunReporter:
         if error is not None:
             text += f": {error}"
         progress = None if canceled else self._progress(result.key, result.status)
+        if progress is not None and result.items is not None:
+            progress["items"] = result.items.as_wire()
         await self._publish(event, checkpoint, progress=progress, lines=(text,), embedded=embedded)
         level: Level = "error" if result.status == "FAILED" else "info"
         if level == "info" and not self._info_kept:
@@ -313,7 +344,27 @@ class RunReporter:
         finished_ms: int | None = None,
         output: Any = None,
         error: RunnerError | None = None,
+        items: ItemCounts | None = None,
     ) -> StepEvent:
+        if items is not None:
+            return MapStepEvent(
+                seq=self._next(),
+                workflow_run_id=self.run_id,
+                tenant_id=self.tenant_id,
+                workflow_version_id=self.version_id,
+                job_id=self.job_id,
+                step_key=key,
+                step_run_id=f"{self.run_id}:{key}",
+                status=status,
+                attempt=attempt,
+                at=self.now_ms(),
+                started_at=started_ms,
+                finished_at=finished_ms,
+                output=output,
+                error_code=str(error.code) if error else None,
+                error_message=error.message if error else None,
+                items=items.as_wire(),
+            )
         return StepEvent(
             seq=self._next(),
             workflow_run_id=self.run_id,

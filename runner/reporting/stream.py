@@ -149,6 +149,9 @@ class RedisStatusSink:
                 if t.renew:
                     # Once per delivery: a delivery lasts minutes, the retention days.
                     commands.append((b"EXPIRE", heads.run_key, self.retention_s))
+            elif t.checkpoint:
+                # A forEach item's end: its checkpoint field, with no event (and no seq).
+                commands.append(heads.hset_fields(t.checkpoint))
             if t.progress is not None:
                 progress = t.progress
                 commands.append(b"%s$%d\r\n%s\r\n" % (heads.progress, len(progress), progress))
@@ -223,6 +226,16 @@ class _RunHeads:
             fields += (bulk(name.encode()), bulk(value))
         return b"*%d\r\n%s%s" % (3 + len(fields), self.hset_head, b"".join(fields))
 
+    def hset_fields(self, checkpoint: dict[str, bytes]) -> bytes:
+        """``HSET`` of checkpoint fields alone."""
+        fields = b"".join(bulk(name.encode()) + bulk(value) for name, value in checkpoint.items())
+        return b"*%d\r\n%s%s%s" % (
+            2 + 2 * len(checkpoint),
+            _HSET,
+            bulk(self.run_key.encode()),
+            fields,
+        )
+
 
 class _StateRead:
     __slots__ = ("run_id",)
@@ -275,6 +288,8 @@ class MemoryStatusSink:
             run["seq"] = str(t.seq).encode()
             if t.checkpoint:
                 run.update(t.checkpoint)
+        elif t.checkpoint:
+            self.runs.setdefault(t.run_id, {}).update(t.checkpoint)
         if t.progress is not None:
             self.progress.setdefault(t.job_id, []).append(t.progress)
         if t.log_lines:
