@@ -138,7 +138,10 @@ async def run_items(
             res.status = "SUCCESS"
         except RunnerError as caught:
             err = caught.as_record()
-            err.message = f"{sp.key}: item {index}: {err.message}"
+            if err.message.startswith("$"):  # a JSON path stays first, as for any step
+                err.message = f"{err.message} (item {index})"
+            else:
+                err.message = f"{sp.key}: item {index}: {err.message}"
             res.error = err
         finally:
             result.attempts += res.attempts

@@ -270,3 +270,47 @@ async def test_a_bad_expression_fails_the_run_as_definition_invalid_with_its_pat
         "'{{ uper(item.name) }}': unknown function uper()"
     )
     assert api.calls == []
+
+
+async def test_an_expression_over_its_budget_fails_the_step_as_template_error_not_internal(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given a small budget and a header that walks 1,000 values
+    api = ItemsApi(delay_s=0.0)
+    base = await serve(api.app())
+    await runner_process(RUNNER_EXPRESSION_BUDGET="200")
+    version = map_version(base, "wfv_budget")
+    version["graph"]["steps"][0]["input"]["headers"]["X-Label"] = (
+        "{{ join(',', input.big[*].name) }}"
+    )
+    run_input = {"items": items(2), "big": [{"name": f"n{i}"} for i in range(1000)]}
+
+    await add(clean_queue, "run_budget", version, run_input)
+    await until_state(redis, clean_queue, "run_budget", "failed")
+
+    # Then the run fails with TEMPLATE_ERROR naming the setting, before any request
+    assert await failed_reason(redis, clean_queue, "run_budget") == (
+        "TEMPLATE_ERROR: $.graph.steps[0].input.headers.X-Label: "
+        "'{{ join(',', input.big[*].name) }}' cannot be evaluated: it needs more than "
+        "RUNNER_EXPRESSION_BUDGET (200) steps (item 0)"
+    )
+    assert api.calls == []
+
+
+async def test_a_false_when_expression_skips_the_map_and_the_next_step_reads_its_status(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    api = ItemsApi(delay_s=0.0)
+    base = await serve(api.app())
+    await runner_process()
+    version = map_version(base, "wfv_when")
+    version["graph"]["steps"][1]["input"]["body"] = {
+        "each": "{{ steps.each.status }}",
+        "n": "{{ length(input.items) }}",
+    }
+
+    await add(clean_queue, "run_when", version, {"items": []})
+    await until_state(redis, clean_queue, "run_when", "completed")
+
+    assert [c["id"] for c in api.calls] == ["summary"]
+    assert api.calls[0]["body"] == {"each": "SKIPPED", "n": 0}
