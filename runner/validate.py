@@ -20,7 +20,10 @@ usage error (no file, or a file that cannot be read).
      dependency, since only those are sure to have finished.
    - ``env.<NAME>`` declared in ``envConfig.vars``; ``secrets.<NAME>`` in ``envConfig.secretRefs``.
    - ``run.id`` or ``run.tenantId``.
-   ``extract`` JSONPaths parse.
+   A JMESPath expression compiles (known functions, their arity, roots at its top) and the
+   head of each of its chains is checked as a reference is. ``extract`` JSONPaths parse.
+   ``forEach`` compiles (the run's roots, no ``item``); ``maxParallel`` is 1 or more;
+   ``item``/``index``, ``maxParallel`` and ``onItemError`` appear only with a ``forEach``.
 4. Each Action's path parameters: every ``{param}`` of ``endpointTemplate`` is given by each
    step's ``input.path`` and no other key is; a ``pathSchema``'s ``required`` names exactly the
    parameters. The endpoint fits the step's connection (relative to a ``baseUrl``, else absolute).
