@@ -143,6 +143,13 @@ class Functions(jp_functions.Functions):  # type: ignore[misc]
             raise ExpressionError(_too_large())
         return value.replace(old, new)
 
+    @_signature({"types": ["string"]}, {"types": ["array-string"]})  # type: ignore[untyped-decorator]
+    def _func_join(self, separator: str, values: list[str]) -> str:
+        # Charged before it is built: a list of references to one large string would
+        # otherwise be joined into gigabytes first.
+        self._spend(sum(len(v) for v in values) + len(separator) * max(len(values) - 1, 0))
+        return separator.join(values)
+
     @_signature({"types": []})  # type: ignore[untyped-decorator]
     def _func_to_string(self, value: Any) -> str:
         return self._bounded_text(value)

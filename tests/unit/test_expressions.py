@@ -205,6 +205,17 @@ def test_given_a_shared_reference_result_when_rendered_then_its_size_is_refused(
         rendered("{{ to_string(" + doubling + ") }}")
 
 
+def test_given_a_join_of_many_references_when_rendered_then_it_is_charged_before_it_is_built() -> (
+    None
+):
+    # 2**12 references to one 100 kB string (cheap to make): 400 MB if joined.
+    context = {**CONTEXT, "input": {"s": "x" * 100_000}}
+    doubling = " | ".join(["[input.s]"] + ["[@, @] | []"] * 12)
+
+    with pytest.raises(TemplateError, match="RUNNER_EXPRESSION_BUDGET"):
+        rendered("{{ join('', " + doubling + ") }}", context)
+
+
 def test_given_a_bad_date_format_when_rendered_then_it_names_the_allowed_directives() -> None:
     with pytest.raises(TemplateError, match="'%c' is not one of"):
         rendered("{{ format_date(input.ts, '%c') }}")
