@@ -343,7 +343,10 @@ class Engine:
 
     async def _ended(self, reporter: Reporter, res: StepResult) -> StepResult:
         res.finished_ms = self.clock.now_ms()
-        await reporter.step_done(res, max(res.attempts, 1) if res.started_ms else 0)
+        attempt = max(res.attempts, 1) if res.started_ms else 0
+        if res.items is not None:
+            attempt = 1  # a map's events are the step's one RUNNING and its end
+        await reporter.step_done(res, attempt)
         return res
 
 

@@ -170,6 +170,7 @@ async def test_a_map_runs_each_item_at_most_max_parallel_at_once_with_its_own_ke
     assert map_events[0]["items"] == {"total": 11, "succeeded": 0, "failed": 0}
     assert map_events[1]["items"] == {"total": 11, "succeeded": 11, "failed": 0}
     assert map_events[1]["stepRunId"] == f"{run_id}:each"
+    assert [e["attempt"] for e in map_events] == [1, 1]
     assert len(events) == 6  # run RUNNING, each x2, after x2, run SUCCESS
 
 
