@@ -315,3 +315,37 @@ async def test_a_false_when_expression_skips_the_map_and_the_next_step_reads_its
 
     assert [c["id"] for c in api.calls] == ["summary"]
     assert api.calls[0]["body"] == {"each": "SKIPPED", "n": 0}
+
+
+async def test_a_map_handed_back_at_shutdown_finishes_elsewhere_without_repeating_items(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given a map, two at a time, whose item 3 hangs the first time
+    api = ItemsApi(delay_s=0.0)
+    api.hang.add("i3")
+    base = await serve(api.app())
+    first = await runner_process(RUNNER_SHUTDOWN_GRACE_S="0.5")
+    run_id = "run_map_term"
+    await add(
+        clean_queue, run_id, map_version(base, "wfv_map_term", max_parallel=2), {"items": items(6)}
+    )
+    await asyncio.wait_for(api.hung.wait(), 20)
+
+    # When the runner is told to stop past its grace period, and another one runs
+    await runner_process()
+    first.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.proc.wait, 20) == 0
+    await until_state(redis, clean_queue, run_id, "completed")
+
+    # Then every item ended once, only the interrupted one was sent again (same key)
+    ids = [c["id"] for c in api.calls if c["id"] != "summary"]
+    assert sorted(set(ids)) == [f"i{i}" for i in range(6)]
+    repeated = sorted(i for i in set(ids) if ids.count(i) > 1)
+    assert "i3" in repeated
+    for item_id in repeated:
+        keys = {c["key"] for c in api.calls if c["id"] == item_id}
+        assert keys == {f"{run_id}:each:{int(item_id[1:])}"}
+    summary = next(c for c in api.calls if c["id"] == "summary")
+    assert summary["body"] == {"ok": 6}
+    events = await run_events(redis, clean_queue, run_id)
+    assert not [e for e in events if e["status"] == "CANCELED"], "a hand-back is not a cancel"
