@@ -5,6 +5,7 @@
     scripts/bench --only runner,node-fetch --workloads w3
     scripts/bench --profile py-spy   where the runner spends CPU on W3 (no table)
     scripts/bench --profile callgrind --runs-w3 500   instructions per W3 run (a count, not a time)
+    scripts/bench --map-items 1000   a forEach of N items against N one-step runs (issue 24)
 
 Results go to stdout as Markdown, and as JSON to ``.run/bench/latest.json``; each contender's
 output is in ``.run/bench/logs/``.
@@ -95,6 +96,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=("py-spy", "cprofile", "callgrind"),
         help="profile the runner on W3 instead of measuring (callgrind: instructions per run, "
         "about 50 times slower, so use --runs-w3 500)",
+    )
+    p.add_argument(
+        "--map-items",
+        type=int,
+        metavar="N",
+        help="only the forEach scenario: one map of N items (maxParallel 50) against N "
+        "one-step runs, in process (bench_lib.map_loop); target >= 0.7x",
     )
     p.add_argument("--json", type=Path, default=REPO / ".run" / "bench" / "latest.json")
     a = p.parse_args(argv)
@@ -223,6 +231,10 @@ def say(text: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    if args.map_items:
+        from bench_lib import map_loop
+
+        return map_loop.report(args.map_items)
     python = (
         str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
     )
