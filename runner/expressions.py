@@ -418,11 +418,8 @@ def leading_path(node: dict[str, Any]) -> tuple[str | int, ...]:
 
 
 def root_chains(tree: dict[str, Any]) -> Iterator[tuple[str | int, ...]]:
-    """For ``validate``: the leading path of each chain that starts at the context."""
-    yield from _chains(tree)
-
-
-def _chains(tree: dict[str, Any]) -> Iterator[tuple[str | int, ...]]:
+    """For ``validate``: the leading path of each chain that starts at the context, so that
+    ``steps.a.output`` inside an expression is checked as the path would be."""
     stack = [tree]
     while stack:
         node = stack.pop()

@@ -100,14 +100,14 @@ async def run_items(
     counts = ItemCounts(total=len(items))
     result.items = counts
     outputs: list[Any] = [None] * len(items)
-    for index, done in ctx.restored_items.get(sp.key, {}).items():
+    restored = ctx.restored_items.get(sp.key, {})
+    for index, done in restored.items():
         if index < len(items):
             outputs[index] = _entry(done)
             if done.status == "SUCCESS":
                 counts.succeeded += 1
             else:
                 counts.failed += 1
-    restored = ctx.restored_items.get(sp.key, {})
     pending = iter([i for i in range(len(items)) if i not in restored])
     await reporter.map_running(sp.key, result.started_ms or clock.now_ms(), counts)
     item_reporter = _ItemReporter(reporter)
@@ -164,6 +164,8 @@ async def run_items(
     workers = [
         asyncio.ensure_future(worker(pending)) for _ in range(min(sp.max_parallel, len(items)))
     ]
+    if not workers:  # no items: an empty list
+        return outputs
     try:
         await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
     finally:

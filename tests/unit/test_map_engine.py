@@ -90,3 +90,22 @@ async def test_given_an_item_with_a_far_retry_when_mapped_then_the_step_defers_w
 
 def json_body(request: Any) -> Any:
     return json.loads(request.body)
+
+
+async def test_given_no_items_when_mapped_then_the_output_is_an_empty_list() -> None:
+    r = await run(map_plan(), FakeTransport(), input={"ids": []})
+
+    assert r.status_of("each") == "SUCCESS"
+    assert r.outcome.steps["each"].output == []
+    assert [e["items"] for e in r.events() if e.get("stepKey") == "each"] == [
+        {"total": 0, "succeeded": 0, "failed": 0}
+    ] * 2
+
+
+async def test_given_a_for_each_that_is_not_a_list_when_mapped_then_it_is_a_template_error() -> (
+    None
+):
+    r = await run(map_plan(), FakeTransport(), input={"ids": {"a": 1}})
+
+    assert r.error_of("each").code == ErrorCode.TEMPLATE_ERROR
+    assert r.error_of("each").message == ("$.graph.steps[0].forEach: yields object, not a list")
