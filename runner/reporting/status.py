@@ -8,6 +8,10 @@ buffered sink (MongoDB, stdout, or the in-memory twin).
 
 Everything passes through the run's redactor before it leaves the process. ``seq`` rises
 strictly within a run: the counter starts above the checkpoint's last published value.
+
+With ``hold_end``, the run's terminal event is built by ``run_done`` but written only by
+``write_end``: the job boundary (``runner.runs``) writes the one ending of a delivery once it
+knows how the job ends in BullMQ, and ``drop_end`` discards it when the job is retried instead.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class RunReporter:
         now_ms: Callable[[], int],
         last_seq: int = 0,
         completed_steps: int = 0,
+        hold_end: bool = False,
     ) -> None:
         self.run_id = run_id
         self.tenant_id = tenant_id
@@ -114,6 +119,11 @@ class RunReporter:
         self.started_ms: int | None = None
         # The run's RUNNING transition, written with the first step's (see ``run_started``).
         self._held: Transition | None = None
+        self.hold_end = hold_end
+        # The terminal transition built by ``run_done`` under ``hold_end`` (with a RUNNING one
+        # still held before it), and whether a terminal event has been written.
+        self._ending: tuple[Transition, ...] = ()
+        self.ended = False
 
     # -- the engine's Reporter ------------------------------------------------------------
 
@@ -260,30 +270,47 @@ class RunReporter:
             failed = next((k for k, s in steps.items() if s.status == "FAILED"), None)
             progress = self._progress(failed, status)
         summary = {k: {"status": s.status, "attempts": s.attempts} for k, s in steps.items()}
-        await self._publish(
-            RunEvent(
-                seq=self._next(),
-                workflow_run_id=self.run_id,
-                tenant_id=self.tenant_id,
-                workflow_version_id=self.version_id,
-                job_id=self.job_id,
-                status=status,  # type: ignore[arg-type]  # never DEFERRED: the engine reports only final states
-                at=now,
-                started_at=self.started_ms,
-                finished_at=now,
-                output={"steps": summary},
-                error_code=str(error.code) if error else None,
-                error_message=error.message if error else None,
-            ),
-            None,
-            progress=progress,
-            lines=(f"run {status}" + (f": {error}" if error else ""),),
+        event = RunEvent(
+            seq=self._next(),
+            workflow_run_id=self.run_id,
+            tenant_id=self.tenant_id,
+            workflow_version_id=self.version_id,
+            job_id=self.job_id,
+            status=status,  # type: ignore[arg-type]  # never DEFERRED: the engine reports only final states
+            at=now,
+            started_at=self.started_ms,
+            finished_at=now,
+            output={"steps": summary},
+            error_code=str(error.code) if error else None,
+            error_message=error.message if error else None,
         )
+        lines = (f"run {status}" + (f": {error}" if error else ""),)
+        if self.hold_end:
+            ending = self._transition(event, None, progress=progress, lines=lines)
+            held, self._held = self._held, None
+            self._ending = (held, ending) if held is not None else (ending,)
+        else:
+            await self._publish(event, None, progress=progress, lines=lines)
+            self.ended = True
         self._exec(
             "error" if status == "FAILED" else "info",
             f"run {status}",
             {"error": str(error) if error else None},
         )
+
+    async def write_end(self) -> None:
+        """Write the terminal event ``run_done`` built under ``hold_end`` (no-op without one)."""
+        ending, self._ending = self._ending, ()
+        if ending:
+            await self.sink.write(*ending)
+            self.ended = True
+
+    def drop_end(self) -> None:
+        """Forget a held terminal event (the job is retried, or ends otherwise); a RUNNING
+        event held with it is held again."""
+        if len(self._ending) == 2:
+            self._held = self._ending[0]
+        self._ending = ()
 
     def warn(self, message: str, **context: Any) -> None:
         self._exec("warning", message, context, step_key=context.get("stepKey"))
