@@ -232,18 +232,37 @@ class RunService:
     async def _defer(self, job: Any, token: str, run_id: str, outcome: RunOutcome) -> None:
         """Checkpoint where each deferred step continues, then give the job back to BullMQ as
         delayed (not failed, not completed): it comes due at the earliest time a deferred step
-        may run, and a later delivery resumes there."""
-        resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
-        if resume:
-            await self.redis.hset(self.keys.run(run_id), mapping=dict(resume))  # type: ignore[arg-type]
-        resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
-        await job.moveToDelayed(resume_at, token)
-        log.info(
-            "run.handed_back",
-            runId=run_id,
-            resumeInMs=resume_at - self.clock.now_ms(),
-            steps=sorted(outcome.deferred),
-        )
+        may run, and a later delivery resumes there.
+
+        Raises ``DelayedError`` and nothing else, so that BullMQ does nothing more with the
+        job: either it moved to delayed under this delivery's lock, or (the lock is gone, Redis
+        failed) it is left to the stalled check, which delivers it again once its lock expires.
+        The ``run.handed_back`` line says which (``to``)."""
+        steps = sorted(outcome.deferred)
+        try:
+            resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
+            if resume:
+                await self.redis.hset(self.keys.run(run_id), mapping=dict(resume))  # type: ignore[arg-type]
+            resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
+            await job.moveToDelayed(resume_at, token)
+        except Exception as err:
+            log.warning(
+                "run.handed_back",
+                runId=run_id,
+                jobId=str(job.id),
+                to="stalled-check",
+                reason=f"{type(err).__name__}: {str(err)[:200]}",
+                steps=steps,
+            )
+        else:
+            log.info(
+                "run.handed_back",
+                runId=run_id,
+                jobId=str(job.id),
+                to="delayed",
+                resumeInMs=resume_at - self.clock.now_ms(),
+                steps=steps,
+            )
         raise DelayedError()
 
     def decode(self, job: Any) -> JobData:
