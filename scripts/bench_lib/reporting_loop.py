@@ -1,5 +1,5 @@
 """The reporting path of W3 in a loop of its own: what the runner's status reporting costs per
-run without any I/O, the number ``docs/performance.md`` quotes.
+run without any I/O, the number ``docs/dev/performance-notebook.md`` quotes.
 
     PYTHONPATH=scripts .venv/bin/python -m bench_lib.reporting_loop [runs]
 
