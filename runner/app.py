@@ -35,7 +35,7 @@ from runner.queue import packing
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
 from runner.queue.worker import QueueWorker
-from runner.redact import SECRETS
+from runner.redact import SecretRegistry
 from runner.redis_connect import RedisSetupError, preflight
 from runner.redis_connect import client as redis_client
 from runner.reporting.execlog import ExecutionLog, MongoExecutionLog
@@ -87,11 +87,13 @@ async def build(settings: Settings) -> Runtime:
     process_secrets = tuple(
         v for v in (settings.control_plane_token, settings.credentials_key) if v
     )
+    # The one registry of secrets in flight in this process, handed to everything that writes out.
+    secrets = SecretRegistry()
     if process_secrets:
-        SECRETS.register(process_secrets)
+        secrets.register(process_secrets)
     log.configure(
         level=settings.log_level,
-        scrub=lambda line: SECRETS.redactor().text(line),
+        scrub=lambda line: secrets.redactor().text(line),
         worker=settings.name,
     )
     packing.install()
@@ -123,6 +125,7 @@ async def build(settings: Settings) -> Runtime:
         on_warning=lambda message, context: log.warning(
             "oauth2.warning", detail=message, **context
         ),
+        secrets_registry=secrets,
     )
     transport = HttpTransport(
         session,
@@ -138,13 +141,13 @@ async def build(settings: Settings) -> Runtime:
         execlog = MongoExecutionLog(
             settings.mongodb_url,
             retention_s=settings.execution_log_retention_s,
-            redact=lambda value: SECRETS.redactor().scrubbed(value),
+            redact=lambda value: secrets.redactor().scrubbed(value),
             on_warning=lambda message, context: log.warning(
                 "execlog.warning", detail=message, **context
             ),
         )
     else:
-        execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().scrubbed(value))
+        execlog = StdoutExecutionLog(redact=lambda value: secrets.redactor().scrubbed(value))
     definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
     tel = telemetry.from_env(
         os.environ,
@@ -176,6 +179,7 @@ async def build(settings: Settings) -> Runtime:
         long_wait_ms=int(settings.long_wait_s * 1000),
         process_secrets=process_secrets,
         telemetry=tel,
+        secrets=secrets,
     )
     metrics = RunnerMetrics(tel, redis, queue_base=keys.base, concurrency=settings.concurrency)
     worker = QueueWorker(settings, metrics.wrap(service.handle))

@@ -35,7 +35,7 @@ from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
-from runner.redact import SECRETS, LayeredRedactor, Redactor
+from runner.redact import LayeredRedactor, Redactor, SecretRegistry
 from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
 from runner.reporting.status import RunReporter, StatusSink
@@ -60,6 +60,8 @@ class RunService:
     long_wait_ms: int = 30_000
     process_secrets: tuple[str, ...] = ()
     telemetry: Telemetry = NOOP
+    # The process's registry of secrets in flight (one per process, from the composition root).
+    secrets: SecretRegistry = field(default_factory=SecretRegistry)
     _hand_backs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
     _no_secrets: Redactor | None = None
 
@@ -119,11 +121,11 @@ class RunService:
             connections = connections_for_run(plan, creds)
             secrets = secrets_for_run(plan, creds)
             values, names = _secret_material(connections.values(), creds.secrets.values())
-            handle = SECRETS.register(values, names, extra=self.process_secrets)
-            redactor = SECRETS.run_redactor(handle)
-            # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
+            handle = self.secrets.register(values, names, extra=self.process_secrets)
+            redactor = self.secrets.run_redactor(handle)
+            # OAuth2 refreshes mint secrets mid-run; they are known to the registry only.
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
-            reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
+            reporter.redact = LayeredRedactor(redactor, self.secrets) if oauth2 else redactor
             ctx = self._context(job, data, run_id, plan, checkpoint, connections, secrets)
             ctx.trace = span
             if cancel_reason is not None:
@@ -143,7 +145,7 @@ class RunService:
             return RunOutcome("FAILED", err, {}), redactor
         finally:
             if handle is not None:
-                SECRETS.unregister(handle)
+                self.secrets.unregister(handle)
 
     async def _run_engine(self, plan: Plan, ctx: RunContext, reporter: RunReporter) -> RunOutcome:
         hand_back: asyncio.Future[str] = asyncio.get_running_loop().create_future()
