@@ -171,8 +171,6 @@ async def build(settings: Settings) -> Runtime:
         ),
         execlog=execlog,
         clock=clock,
-        redis=redis,
-        keys=keys,
         cancels=cancels,
         worker_id=settings.name,
         max_job_bytes=settings.max_job_bytes,

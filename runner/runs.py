@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
 from runner.contract import JOB_DATA_NOT_TEXT, JOB_NAME, Connection, JobData, decode_job_data
@@ -34,11 +33,11 @@ from runner.errors import PayloadError, RetryLater, RunnerError
 from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
 from runner.queue.cancel import CancelWatch
-from runner.queue.keys import Keys
 from runner.redact import LayeredRedactor, Redactor, SecretRegistry
 from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
-from runner.reporting.status import RunReporter, StatusSink
+from runner.reporting.reporter import RunReporter, StatusSink
+from runner.reporting.stream import Transition
 from runner.telemetry import NOOP, RunSpan, Telemetry
 
 _encode = msgspec.json.Encoder().encode
@@ -52,8 +51,6 @@ class RunService:
     sink: StatusSink
     execlog: ExecutionLog
     clock: Clock
-    redis: aioredis.Redis
-    keys: Keys
     cancels: CancelWatch
     worker_id: str
     max_job_bytes: int
@@ -164,9 +161,9 @@ class RunService:
         """Checkpoint where each deferred step continues, then give the job back to BullMQ as
         delayed (not failed, not completed): it comes due at the earliest time a deferred step
         may run, and a later delivery resumes there."""
-        resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
+        resume = {f"resume:{k}": b"%d" % r.next_attempt for k, r in outcome.deferred.items()}
         if resume:
-            await self.redis.hset(self.keys.run(run_id), mapping=dict(resume))  # type: ignore[arg-type]
+            await self.sink.write(Transition(run_id, str(job.id), checkpoint=resume))
         resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
         await job.moveToDelayed(resume_at, token)
         log.info(

@@ -23,7 +23,7 @@ import uvloop
 from runner.engine.ports import StepResult, SystemClock
 from runner.queue.keys import Keys
 from runner.redact import Redactor
-from runner.reporting.status import RunReporter
+from runner.reporting.reporter import RunReporter
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
 from runner.resp import pack

@@ -36,7 +36,7 @@ from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
 from runner.redact import Redactor
 from runner.reporting.execlog import MemoryExecutionLog
-from runner.reporting.status import RunReporter
+from runner.reporting.reporter import RunReporter
 from runner.reporting.stream import MemoryStatusSink
 
 RUN_ID = "run_it_1"

@@ -23,7 +23,7 @@ from runner.errors import ErrorCode, RunnerError, StepHTTPError, TransportError
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.redact import Redactor
 from runner.reporting.execlog import MemoryExecutionLog
-from runner.reporting.status import RunReporter
+from runner.reporting.reporter import RunReporter
 from runner.reporting.stream import JobView, MemoryStatusSink
 
 RUN = "run_1"
