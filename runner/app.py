@@ -32,6 +32,7 @@ from runner.log import log
 from runner.looplag import LoopLag
 from runner.metrics import RunnerMetrics
 from runner.queue import packing
+from runner.queue.burst import until_drained
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
 from runner.queue.worker import QueueWorker
@@ -258,15 +259,23 @@ async def serve(settings: Settings) -> int:
         health = await serve_health(settings.health_port, runtime)
     died = asyncio.ensure_future(runtime.worker.loop_died.wait())
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({died, stopping}, return_when="FIRST_COMPLETED")
+    waits: set[asyncio.Future[Any]] = {died, stopping}
+    if settings.burst:
+        keys = Keys(settings.queue_prefix, settings.queue)
+        drained = asyncio.ensure_future(until_drained(runtime.redis, keys))
+        waits.add(drained)
+    await asyncio.wait(waits, return_when="FIRST_COMPLETED")
     code = 1 if died.done() and not stop.is_set() else 0
-    log.info("runner.stopping", reason="worker loop died" if code else "signal")
+    reason = "worker loop died" if code else "signal"
+    if settings.burst and drained.done() and not stop.is_set():
+        reason = "burst: queue drained"
+    log.info("runner.stopping", reason=reason)
     await runtime.worker.close(
         settings.shutdown_grace_s, lambda: runtime.service.hand_back_all("worker shutting down")
     )
     if health is not None:
         await health.cleanup()
-    for task in (died, stopping):
+    for task in waits:
         task.cancel()
     with contextlib.suppress(Exception):
         await runtime.close()
