@@ -114,7 +114,7 @@ class RedisStatusSink:
         self._xadd = packed_head(8, b"XADD", stream, b"MAXLEN", b"~", maxlen, b"*", b"event")
         self._heads: dict[tuple[str, str, int], _RunHeads] = {}
         # What the heads of every run share, packed here once: a run's own adds its keys and
-        # job id as bulk strings (a run's heads took 7.8 µs packed whole, compiled).
+        # job id as bulk strings (a run's heads took 7.8 µs packed whole).
         self._progress_start = packed_head(8, b"EVALSHA", _UPDATE_PROGRESS.sha, 3)
         self._events_meta = bulk(keys.events().encode()) + bulk(keys.meta().encode())
         self._log_start = packed_head(8, b"EVALSHA", _ADD_LOG.sha, 2)
