@@ -114,7 +114,7 @@ class RedisStatusSink:
         self._xadd = packed_head(8, b"XADD", stream, b"MAXLEN", b"~", maxlen, b"*", b"event")
         self._heads: dict[tuple[str, str, int], _RunHeads] = {}
         # What the heads of every run share, packed here once: a run's own adds its keys and
-        # job id as bulk strings (a run's heads took 7.8 µs packed whole, compiled).
+        # job id as bulk strings (a run's heads took 7.8 µs packed whole).
         self._progress_start = packed_head(8, b"EVALSHA", _UPDATE_PROGRESS.sha, 3)
         self._events_meta = bulk(keys.events().encode()) + bulk(keys.meta().encode())
         self._log_start = packed_head(8, b"EVALSHA", _ADD_LOG.sha, 2)
@@ -149,6 +149,10 @@ class RedisStatusSink:
                 if t.renew:
                     # Once per delivery: a delivery lasts minutes, the retention days.
                     commands.append((b"EXPIRE", heads.run_key, self.retention_s))
+            elif t.checkpoint:
+                # Checkpoint fields without an event (where deferred steps resume).
+                fields = [part for item in t.checkpoint.items() for part in item]
+                commands.append((b"HSET", heads.run_key, *fields))
             if t.progress is not None:
                 progress = t.progress
                 commands.append(b"%s$%d\r\n%s\r\n" % (heads.progress, len(progress), progress))
@@ -275,6 +279,8 @@ class MemoryStatusSink:
             run["seq"] = str(t.seq).encode()
             if t.checkpoint:
                 run.update(t.checkpoint)
+        elif t.checkpoint:
+            self.runs.setdefault(t.run_id, {}).update(t.checkpoint)
         if t.progress is not None:
             self.progress.setdefault(t.job_id, []).append(t.progress)
         if t.log_lines:

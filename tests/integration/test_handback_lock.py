@@ -27,6 +27,8 @@ from runner.engine.ports import StepResult, SystemClock
 from runner.engine.run import RunOutcome
 from runner.log import log
 from runner.queue.keys import Keys
+from runner.reporting.stream import RedisStatusSink
+from runner.resp import RespConnection
 from runner.runs import RunService
 from tests.conftest import REDIS_URL, node_peer
 from tests.integration.test_resilience import Target, job_state, linear_version, wait_for
@@ -90,18 +92,18 @@ async def test_a_hand_back_that_finds_its_lock_gone_leaves_the_job_to_the_stalle
     # Given a real BullMQ job this delivery does not hold the lock of (bullmq's moveToDelayed
     # then raises its TypeError "Missing lock for job ... moveToDelayed")
     queue = Queue(clean_queue, {"connection": REDIS_URL})
+    connection = RespConnection(REDIS_URL, timeout_s=10)
     try:
         await queue.add("workflow_run", {}, {"jobId": "run_lost"})
         job = await Job.fromId(queue, "run_lost")
+        keys = Keys("bull", clean_queue)
         service = RunService(
             definitions=None,  # type: ignore[arg-type]  # _defer needs none of these
             credentials=None,  # type: ignore[arg-type]
             engine=None,  # type: ignore[arg-type]
-            sink=None,  # type: ignore[arg-type]
+            sink=RedisStatusSink(connection, stream=f"bull:{clean_queue}:status", keys=keys),
             execlog=None,  # type: ignore[arg-type]
             clock=SystemClock(),
-            redis=redis,
-            keys=Keys("bull", clean_queue),
             cancels=None,  # type: ignore[arg-type]
             worker_id="w",
             max_job_bytes=1,
@@ -117,6 +119,7 @@ async def test_a_hand_back_that_finds_its_lock_gone_leaves_the_job_to_the_stalle
             )
     finally:
         await queue.close()
+        connection.close()
 
     # Then nothing but DelayedError left (BullMQ does nothing more with the job), and the log
     # says the job is left to the stalled check, and why
