@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from runner.contract import Action, Step, WorkflowVersion
+from runner.engine.pagination import PaginateSpec, compile_paginate
 from runner.engine.schemas import PlanSchemas, compile_schemas
 from runner.errors import DefinitionError
 from runner.retry import RetryPolicy, policy_for
@@ -39,6 +40,7 @@ class StepPlan:
     extract: tuple[tuple[str, JsonPath], ...]
     policy: RetryPolicy
     timeout_ms: int
+    paginate: PaginateSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,12 @@ def compile_plan(version: WorkflowVersion) -> Plan:
                 ),
                 policy=policy_for(action, step.retry),
                 timeout_ms=timeout_ms,
+                paginate=compile_paginate(
+                    action.paginate,
+                    step.paginate,
+                    f"$.actions.{action.id}.paginate",
+                    f"{where}.paginate",
+                ),
             )
         )
         previous = step.key
