@@ -9,7 +9,8 @@ usage error (no file, or a file that cannot be read).
 1. The text is JSON and decodes as a WorkflowVersion. When it does not, each step, action and
    connection is decoded on its own so that every broken one is named.
 2. Steps: keys well-formed and unique, actions and connections known, ``dependsOn`` known and
-   not the step itself, no dependency cycle, ``timeoutMs`` above 0.
+   not the step itself, no dependency cycle, ``timeoutMs`` above 0, ``paginate`` (the step's
+   over its Action's) complete and sound for its mode (``runner.engine.pagination``).
 3. Templates, one string at a time: each parses, and each reference can exist at that step:
    - ``input.<field>``: a top-level field that ``parameterSchema.properties`` (or ``required``)
      declares. Lenient on purpose when the schema cannot say which fields exist: no
@@ -47,6 +48,7 @@ from runner.contract import (
     decode_workflow_version,
     path_of,
 )
+from runner.engine.pagination import compile_paginate
 from runner.engine.plan import STEP_KEY, StepPlan, compile_plan, find_cycle
 from runner.engine.schemas import ACTION_SCHEMA_FIELDS, compile_schema, compile_schemas
 from runner.errors import DefinitionError
@@ -209,6 +211,16 @@ class _Checker:
                 and step.connection_id not in version.connections
             ):
                 self.add(f"{where}.connectionId: unknown connection '{step.connection_id}'")
+            if action is not None:
+                try:
+                    compile_paginate(
+                        action.paginate,
+                        step.paginate,
+                        f"$.actions.{action.id}.paginate",
+                        f"{where}.paginate",
+                    )
+                except DefinitionError as err:
+                    self.add(err.message)
             timeout_ms = step.timeout_ms
             if timeout_ms is None and action is not None:
                 timeout_ms = action.timeout_ms
