@@ -122,7 +122,7 @@ class Settings:
     )
     paginate_max_bytes: int = _setting(
         "RUNNER_PAGINATE_MAX_BYTES",
-        100 * 1024 * 1024,
+        16 * 1024 * 1024,
         "body bytes a paginated step reads at most over its pages (maxBytes)",
     )
     paginate_checkpoint_bytes: int = _setting(

@@ -56,7 +56,7 @@ class PageLimits:
 
     max_pages: int = 1000
     max_items: int = 100_000
-    max_bytes: int = 100 * 1024 * 1024
+    max_bytes: int = 16 * 1024 * 1024
     checkpoint_bytes: int = 1024 * 1024
 
 

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.conftest import node_peer, read_stream
+from tests.integration import harness
 from tests.workflows import job_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -36,6 +37,7 @@ class PagedApi:
     hits: list[tuple[str, int, dict[str, str], dict[str, str]]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     bearer: Any = None  # a callable(token) -> bool: the API checks tokens when set
+    retry_after: str = "0"
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -57,7 +59,7 @@ class PagedApi:
         if script:
             status = script.pop(0)
             return web.json_response(
-                {"error": "scripted"}, status=status, headers={"Retry-After": "0"}
+                {"error": "scripted"}, status=status, headers={"Retry-After": self.retry_after}
             )
         if self.hang == (route, number):
             self.hang = None
@@ -430,3 +432,63 @@ async def test_a_run_killed_mid_pagination_resumes_at_the_page_it_was_on(
     assert keys == [f"{run_id}:list:page:3"] * 2
     fields = await redis.hkeys(run_key)
     assert not [f for f in fields if f.startswith(b"page:")], fields
+
+
+async def test_a_long_retry_after_on_a_page_hands_the_job_back_and_it_continues_there(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given page 3 answering 429 with a wait longer than the runner holds a slot for
+    api = PagedApi(fail={("offset", 3): [429]}, retry_after="2")
+    base = await serve(api.app())
+    await runner_process(RUNNER_LONG_WAIT_S="1")
+    version = paged_version(base, "offset")
+    version["actions"]["act_list"]["maxDelayMs"] = 5000
+
+    # When the run gets there
+    jobs = await run_jobs(clean_queue, {"run_pages_later": version})
+
+    # Then the job was handed back as delayed and the next delivery went on at page 3,
+    # attempt 2, without pages 1 and 2 again
+    job = jobs["run_pages_later"]
+    assert job["state"] == "completed", job["failedReason"]
+    assert api.pages("offset") == [1, 2, 3, 3, 4]
+    done = await step_output(redis, clean_queue, "run_pages_later")
+    assert done["output"]["items"] == ITEMS
+    assert job["returnvalue"]["steps"]["list"]["attempts"] == 5
+    events = await read_stream(redis, f"bull:{clean_queue}:status")
+    running = [
+        e["attempt"]
+        for e in events
+        if e["workflowRunId"] == "run_pages_later" and e.get("stepKey") and e["status"] == "RUNNING"
+    ]
+    assert running == [1, 2]  # the first delivery's first page, the second's resumed page
+
+
+# --- the response cap and timeouts apply per page (in-process engine, real HTTP) -------------
+
+
+async def test_the_response_cap_and_the_step_timeout_apply_to_every_page(serve: Any) -> None:
+    def listing(base: str, **fields: Any) -> dict[str, Any]:
+        act = harness.action(
+            f"{base}/x",
+            paginate={"mode": "nextUrl"},
+            retryStrategy="FIXED",
+            maxAttempts=2,
+            initialDelayMs=10,
+            **fields,
+        )
+        return harness.version([harness.step("list")], [act])
+
+    more = {"Link": '</x?page=2>; rel="next"'}
+    big = harness.Api(harness.reply(200, [1], headers=more), harness.reply(200, ["y" * 5000]))
+    base = await serve(big.app())
+    record = await harness.run_workflow(listing(base), max_response_bytes=2000)
+    assert record.error_code("list") == "RESPONSE_TOO_LARGE"
+    assert len(big.hits) == 2  # not retryable: page 2 once
+
+    slow = harness.Api(harness.reply(200, [1], headers=more), harness.hang(5.0), harness.hang(5.0))
+    base = await serve(slow.app())
+    record = await harness.run_workflow(listing(base, timeoutMs=300))
+    assert record.error_code("list") == "TIMEOUT"
+    assert [h.raw_path for h in slow.hits] == ["/x", "/x?page=2", "/x?page=2"]
+    assert record.outcome.steps["list"].attempts == 3  # page 1 once, page 2 twice
