@@ -295,6 +295,9 @@ class RunReporter:
                 checkpoint=checkpoint,
                 log_lines=(self._line(text),),
                 keep_logs=self.keep_logs,
+                # The attempt a hand-back left for a page is that page's: once it is done, a
+                # later delivery starts its next page at attempt 1.
+                forget=(f"resume:{key}",),
             )
         )
         return saved

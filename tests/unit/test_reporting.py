@@ -650,6 +650,7 @@ async def test_given_pages_when_reported_then_each_is_checkpointed_redacted_with
     h = harness()
     await h.reporter.run_started(T0)
     await h.reporter.step_running("list", 1, T0)
+    h.sink.runs[RUN]["resume:list"] = b"2"  # a hand-back's attempt for the page now done
     events_before = len(h.sink.events)
     first = Progress(pages=1, items=2, position="c2", status=200)
     saved = await h.reporter.page_done("list", first, [1, {"t": SECRET}], save_within=1000)
@@ -658,6 +659,7 @@ async def test_given_pages_when_reported_then_each_is_checkpointed_redacted_with
 
     assert len(h.sink.events) == events_before  # no status event per page
     cp = h.checkpoint()
+    assert "resume:list" not in cp
     assert json.loads(cp["page:list:1"]) == [1, {"t": REDACTED}]
     assert json.loads(cp["page:list:2"]) == [3]
     state = json.loads(cp["page:list"])
