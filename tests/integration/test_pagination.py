@@ -28,10 +28,10 @@ PAGE = 3
 @dataclass
 class PagedApi:
     """Lists ``ITEMS`` by cursor, offset, page number, next URL in the body or in Link.
-    ``fail[(route, page)]`` answers those statuses first; ``hang`` holds one page's first
-    request until the client goes away; every request is recorded in ``hits``."""
+    ``fail[(route, page)]`` answers those statuses first (``"hang"``: hold the request until
+    the client goes away); ``hang`` holds one page's first request so; every request is recorded in ``hits``."""
 
-    fail: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    fail: dict[tuple[str, int], list[int | str]] = field(default_factory=dict)
     next_override: dict[int, str] = field(default_factory=dict)  # page -> next URL to send
     hang: tuple[str, int] | None = None
     hits: list[tuple[str, int, dict[str, str], dict[str, str]]] = field(default_factory=list)
@@ -56,17 +56,18 @@ class PagedApi:
             if not await self.bearer(token, number):
                 return web.json_response({"error": "invalid_token"}, status=401)
         script = self.fail.get((route, number))
-        if script:
-            status = script.pop(0)
-            return web.json_response(
-                {"error": "scripted"}, status=status, headers={"Retry-After": self.retry_after}
-            )
+        behaviour: int | str | None = script.pop(0) if script else None
         if self.hang == (route, number):
-            self.hang = None
+            self.hang, behaviour = None, "hang"
+        if behaviour == "hang":
             self.arrived.set()
             while request.transport is not None and not request.transport.is_closing():
                 await asyncio.sleep(0.02)
             return web.Response(status=503)
+        if isinstance(behaviour, int):
+            return web.json_response(
+                {"error": "scripted"}, status=behaviour, headers={"Retry-After": self.retry_after}
+            )
         chunk = ITEMS[start : start + PAGE]
         following = start + PAGE if start + PAGE < len(ITEMS) else None
         if route == "cursor":
@@ -492,3 +493,34 @@ async def test_the_response_cap_and_the_step_timeout_apply_to_every_page(serve: 
     assert record.error_code("list") == "TIMEOUT"
     assert [h.raw_path for h in slow.hits] == ["/x", "/x?page=2", "/x?page=2"]
     assert record.outcome.steps["list"].attempts == 3  # page 1 once, page 2 twice
+
+
+async def test_a_shutdown_mid_pagination_hands_back_the_page_at_the_attempt_it_was_on(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given page 3 failing once, then hanging on its second attempt, then failing once more:
+    # with maxAttempts 3, the run succeeds only if the hand-back continues page 3 at attempt 2
+    api = PagedApi(fail={("page", 3): [500, "hang", 500]})
+    base = await serve(api.app())
+    first = await runner_process(RUNNER_SHUTDOWN_GRACE_S="0.5")
+    run_id = "run_pages_term"
+    data = job_data(run_id, paged_version(base, "page"))
+    await node_peer(
+        "add", {"queue": clean_queue, "jobs": [{"data": data, "opts": {"jobId": run_id}}]}
+    )
+    await asyncio.wait_for(api.arrived.wait(), 15)
+
+    # When the runner is told to stop while page 3 hangs past the grace period
+    await runner_process()
+    first.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.proc.wait, 20) == 0
+
+    deadline = time.monotonic() + 20
+    while await redis.zscore(f"bull:{clean_queue}:completed", run_id) is None:
+        assert time.monotonic() < deadline, "the handed-back run did not complete"
+        await asyncio.sleep(0.05)
+    assert api.pages("page") == [1, 2, 3, 3, 3, 3, 4]
+    done = await step_output(redis, clean_queue, run_id)
+    assert done["output"]["items"] == ITEMS
+    # Every page's attempts: 1 + 1 + 3 + 1; the interrupted attempt 2 was sent again as 2.
+    assert done["attempt"] == 6
