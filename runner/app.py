@@ -33,10 +33,11 @@ from runner.log import log
 from runner.looplag import LoopLag
 from runner.metrics import RunnerMetrics
 from runner.queue import packing
+from runner.queue.burst import until_drained
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
 from runner.queue.worker import QueueWorker
-from runner.redact import SECRETS
+from runner.redact import SecretRegistry
 from runner.redis_connect import RedisSetupError, preflight
 from runner.redis_connect import client as redis_client
 from runner.reporting.execlog import ExecutionLog, MongoExecutionLog
@@ -88,11 +89,13 @@ async def build(settings: Settings) -> Runtime:
     process_secrets = tuple(
         v for v in (settings.control_plane_token, settings.credentials_key) if v
     )
+    # The one registry of secrets in flight in this process, handed to everything that writes out.
+    secrets = SecretRegistry()
     if process_secrets:
-        SECRETS.register(process_secrets)
+        secrets.register(process_secrets)
     log.configure(
         level=settings.log_level,
-        scrub=lambda line: SECRETS.redactor().text(line),
+        scrub=lambda line: secrets.redactor().text(line),
         worker=settings.name,
     )
     packing.install()
@@ -124,6 +127,7 @@ async def build(settings: Settings) -> Runtime:
         on_warning=lambda message, context: log.warning(
             "oauth2.warning", detail=message, **context
         ),
+        secrets_registry=secrets,
     )
     transport = HttpTransport(
         session,
@@ -139,13 +143,13 @@ async def build(settings: Settings) -> Runtime:
         execlog = MongoExecutionLog(
             settings.mongodb_url,
             retention_s=settings.execution_log_retention_s,
-            redact=lambda value: SECRETS.redactor().scrubbed(value),
+            redact=lambda value: secrets.redactor().scrubbed(value),
             on_warning=lambda message, context: log.warning(
                 "execlog.warning", detail=message, **context
             ),
         )
     else:
-        execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().scrubbed(value))
+        execlog = StdoutExecutionLog(redact=lambda value: secrets.redactor().scrubbed(value))
     definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
     tel = telemetry.from_env(
         os.environ,
@@ -179,14 +183,13 @@ async def build(settings: Settings) -> Runtime:
         ),
         execlog=execlog,
         clock=clock,
-        redis=redis,
-        keys=keys,
         cancels=cancels,
         worker_id=settings.name,
         max_job_bytes=settings.max_job_bytes,
         long_wait_ms=int(settings.long_wait_s * 1000),
         process_secrets=process_secrets,
         telemetry=tel,
+        secrets=secrets,
     )
     metrics = RunnerMetrics(tel, redis, queue_base=keys.base, concurrency=settings.concurrency)
     worker = QueueWorker(settings, metrics.wrap(service.handle))
@@ -267,15 +270,23 @@ async def serve(settings: Settings) -> int:
         health = await serve_health(settings.health_port, runtime)
     died = asyncio.ensure_future(runtime.worker.loop_died.wait())
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({died, stopping}, return_when="FIRST_COMPLETED")
+    waits: set[asyncio.Future[Any]] = {died, stopping}
+    if settings.burst:
+        keys = Keys(settings.queue_prefix, settings.queue)
+        drained = asyncio.ensure_future(until_drained(runtime.redis, keys))
+        waits.add(drained)
+    await asyncio.wait(waits, return_when="FIRST_COMPLETED")
     code = 1 if died.done() and not stop.is_set() else 0
-    log.info("runner.stopping", reason="worker loop died" if code else "signal")
+    reason = "worker loop died" if code else "signal"
+    if settings.burst and drained.done() and not stop.is_set():
+        reason = "burst: queue drained"
+    log.info("runner.stopping", reason=reason)
     await runtime.worker.close(
         settings.shutdown_grace_s, lambda: runtime.service.hand_back_all("worker shutting down")
     )
     if health is not None:
         await health.cleanup()
-    for task in (died, stopping):
+    for task in waits:
         task.cancel()
     with contextlib.suppress(Exception):
         await runtime.close()

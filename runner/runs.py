@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
 from runner.contract import JOB_DATA_NOT_TEXT, JOB_NAME, Connection, JobData, decode_job_data
@@ -34,11 +33,11 @@ from runner.errors import PayloadError, RetryLater, RunnerError
 from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
 from runner.queue.cancel import CancelWatch
-from runner.queue.keys import Keys
-from runner.redact import SECRETS, LayeredRedactor, Redactor
+from runner.redact import LayeredRedactor, Redactor, SecretRegistry
 from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
-from runner.reporting.status import RunReporter, StatusSink
+from runner.reporting.reporter import RunReporter, StatusSink
+from runner.reporting.stream import Transition
 from runner.telemetry import NOOP, RunSpan, Telemetry
 
 _encode = msgspec.json.Encoder().encode
@@ -52,14 +51,14 @@ class RunService:
     sink: StatusSink
     execlog: ExecutionLog
     clock: Clock
-    redis: aioredis.Redis
-    keys: Keys
     cancels: CancelWatch
     worker_id: str
     max_job_bytes: int
     long_wait_ms: int = 30_000
     process_secrets: tuple[str, ...] = ()
     telemetry: Telemetry = NOOP
+    # The process's registry of secrets in flight (one per process, from the composition root).
+    secrets: SecretRegistry = field(default_factory=SecretRegistry)
     _hand_backs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
     _no_secrets: Redactor | None = None
 
@@ -119,11 +118,11 @@ class RunService:
             connections = connections_for_run(plan, creds)
             secrets = secrets_for_run(plan, creds)
             values, names = _secret_material(connections.values(), creds.secrets.values())
-            handle = SECRETS.register(values, names, extra=self.process_secrets)
-            redactor = SECRETS.run_redactor(handle)
-            # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
+            handle = self.secrets.register(values, names, extra=self.process_secrets)
+            redactor = self.secrets.run_redactor(handle)
+            # OAuth2 refreshes mint secrets mid-run; they are known to the registry only.
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
-            reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
+            reporter.redact = LayeredRedactor(redactor, self.secrets) if oauth2 else redactor
             ctx = self._context(job, data, run_id, plan, checkpoint, connections, secrets)
             ctx.trace = span
             if cancel_reason is not None:
@@ -143,7 +142,7 @@ class RunService:
             return RunOutcome("FAILED", err, {}), redactor
         finally:
             if handle is not None:
-                SECRETS.unregister(handle)
+                self.secrets.unregister(handle)
 
     async def _run_engine(self, plan: Plan, ctx: RunContext, reporter: RunReporter) -> RunOutcome:
         hand_back: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -162,9 +161,9 @@ class RunService:
         """Checkpoint where each deferred step continues, then give the job back to BullMQ as
         delayed (not failed, not completed): it comes due at the earliest time a deferred step
         may run, and a later delivery resumes there."""
-        resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
+        resume = {f"resume:{k}": b"%d" % r.next_attempt for k, r in outcome.deferred.items()}
         if resume:
-            await self.redis.hset(self.keys.run(run_id), mapping=dict(resume))  # type: ignore[arg-type]
+            await self.sink.write(Transition(run_id, str(job.id), checkpoint=resume))
         resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
         await job.moveToDelayed(resume_at, token)
         log.info(

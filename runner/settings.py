@@ -134,6 +134,11 @@ class Settings:
         "RUNNER_HEALTH_PORT", 0, "serve /healthz, /readyz and /metrics on this port; 0 means off"
     )
     log_level: str = _setting("RUNNER_LOG_LEVEL", "info", "debug, info, warning or error")
+    burst: bool = _setting(
+        "RUNNER_BURST",
+        False,
+        "process the jobs queued (waiting, delayed, active), then exit 0: tests, one-off drains",
+    )
 
     @property
     def stream_key(self) -> str:

@@ -119,7 +119,7 @@ class RedisStatusSink:
         self._xadd = packed_head(8, b"XADD", stream, b"MAXLEN", b"~", maxlen, b"*", b"event")
         self._heads: dict[tuple[str, str, int], _RunHeads] = {}
         # What the heads of every run share, packed here once: a run's own adds its keys and
-        # job id as bulk strings (a run's heads took 7.8 µs packed whole, compiled).
+        # job id as bulk strings (a run's heads took 7.8 µs packed whole).
         self._progress_start = packed_head(8, b"EVALSHA", _UPDATE_PROGRESS.sha, 3)
         self._events_meta = bulk(keys.events().encode()) + bulk(keys.meta().encode())
         self._log_start = packed_head(8, b"EVALSHA", _ADD_LOG.sha, 2)
@@ -155,8 +155,9 @@ class RedisStatusSink:
                     # Once per delivery: a delivery lasts minutes, the retention days.
                     commands.append((b"EXPIRE", heads.run_key, self.retention_s))
             elif t.checkpoint:
-                # Checkpoint fields without an event (a paginated step's page): no seq.
-                fields = [item for n, v in t.checkpoint.items() for item in (n.encode(), v)]
+                # Checkpoint fields without an event (where deferred steps resume, a
+                # paginated step's pages).
+                fields = [part for item in t.checkpoint.items() for part in item]
                 commands.append((b"HSET", heads.run_key, *fields))
             if t.forget:
                 commands.append((b"HDEL", heads.run_key, *t.forget))

@@ -18,7 +18,7 @@ from runner.log import LEVELS, log
 from runner.redact import REDACTED, Redactor
 from runner.reporting.checkpoint import parse_checkpoint
 from runner.reporting.execlog import MemoryExecutionLog
-from runner.reporting.status import PREVIEW_LIMIT_BYTES, RunReporter, preview
+from runner.reporting.reporter import PREVIEW_LIMIT_BYTES, RunReporter, preview
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import JobView, MemoryStatusSink, Transition
 from runner.retry import RetryDecision

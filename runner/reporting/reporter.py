@@ -1,9 +1,10 @@
 """A run's status, told everywhere it is watched (CONTRACT §6-7).
 
-``RunReporter`` is the engine's ``Reporter``. For each transition it builds one ``Transition`` and awaits it: the status event with the
-run's checkpoint fields (the event's ``seq``, and for a finished step its result), BullMQ job
-progress (when a step or the run ends) and its ``job.log`` lines; ``runner.reporting.stream``
-writes it in one transaction, batched with other runs'. Execution-log lines go to their own
+``RunReporter`` is the engine's ``Reporter``. For each transition it builds one ``Transition``
+and awaits it: the status event with the run's checkpoint fields (the event's ``seq``, and for
+a finished step its result), BullMQ job progress (when a step or the run ends) and its
+``job.log`` lines; ``runner.reporting.stream`` writes it in one transaction, batched with other
+runs'. Execution-log lines go to their own
 buffered sink (MongoDB, stdout, or the in-memory twin).
 
 Everything passes through the run's redactor before it leaves the process. ``seq`` rises
