@@ -23,6 +23,7 @@ from runner import jsonlimits, telemetry
 from runner.controlplane import ControlPlane
 from runner.credentials import CredentialSource, parse_key
 from runner.definitions import DefinitionStore
+from runner.engine.pagination import PageLimits
 from runner.engine.ports import SystemClock
 from runner.engine.run import Engine
 from runner.http.client import HttpTransport, make_session
@@ -162,7 +163,17 @@ async def build(settings: Settings) -> Runtime:
     service = RunService(
         definitions=definitions,
         credentials=CredentialSource(control_plane=control_plane, key=key),
-        engine=Engine(transport, clock, step_parallelism=settings.step_parallelism),
+        engine=Engine(
+            transport,
+            clock,
+            step_parallelism=settings.step_parallelism,
+            page_limits=PageLimits(
+                max_pages=max(1, settings.paginate_max_pages),
+                max_items=max(1, settings.paginate_max_items),
+                max_bytes=max(1, settings.paginate_max_bytes),
+                checkpoint_bytes=settings.paginate_checkpoint_bytes,
+            ),
+        ),
         sink=RedisStatusSink(
             status_connection,
             stream=settings.stream_key,

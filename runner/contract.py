@@ -51,6 +51,34 @@ class RetryOverride(Owned, frozen=True):
     max_delay_ms: int | None = None
 
 
+# --- pagination (docs/contract.md "Pagination") ----------------------------------------------
+
+PaginateMode = Literal["cursor", "nextUrl", "offset", "page", "none"]
+
+
+class Paginate(Owned, frozen=True):
+    """How an Action's response continues on further pages. On an Action, and on a step, whose
+    fields override the Action's one by one (``mode: "none"`` turns it off). Every field is
+    optional here; ``runner.engine.pagination.compile_paginate`` checks the merged whole."""
+
+    mode: PaginateMode | None = None
+    items: str | None = None  # JSONPath over a page's body; default "$[*]"
+    cursor_path: str | None = None  # cursor: JSONPath of the next cursor in the body
+    cursor_param: str | None = None  # cursor: the query parameter it goes in ("cursor")
+    next_url_path: str | None = None  # nextUrl: JSONPath of the next URL; absent: Link rel=next
+    offset_param: str | None = None  # offset: "offset"
+    page_param: str | None = None  # page: "page"
+    start: int | None = None  # offset: first offset (0); page: first page number (1)
+    limit: int | None = None  # page size, sent as limitParam; required for offset
+    limit_param: str | None = None  # "limit"
+    stop_path: str | None = None  # stop after a page where this is truthy
+    has_more_path: str | None = None  # stop after a page where this is falsy or missing
+    max_pages: int | None = None
+    max_items: int | None = None
+    max_bytes: int | None = None
+    on_limit: Literal["TRUNCATE", "FAIL"] | None = None
+
+
 class Step(Owned, frozen=True):
     key: str
     action_id: str
@@ -62,6 +90,7 @@ class Step(Owned, frozen=True):
     retry: RetryOverride | None = None
     timeout_ms: int | None = None
     extract: dict[str, str] = {}
+    paginate: Paginate | None = None
 
 
 class Graph(Owned, frozen=True):
@@ -84,6 +113,7 @@ class Action(Wire, frozen=True):
     max_delay_ms: int = 30_000
     timeout_ms: int = 30_000
     idempotency_header: str | None = None
+    paginate: Paginate | None = None
 
 
 class ConnectionConfig(Wire, frozen=True):

@@ -14,6 +14,7 @@ One root for what a run reports; the code is data on the error, not a class per 
     ├── StepHTTPError         HTTP_ERROR                carries ``status``
     ├── TransportError        TIMEOUT | CONNECTION_ERROR | RESPONSE_TOO_LARGE | EGRESS_DENIED
     ├── ResponseError         RESPONSE_INVALID          a 2xx body that cannot be used
+    ├── PaginationLimit       PAGINATION_LIMIT          a cap reached under ``onLimit: FAIL``
     ├── WorkflowTimeout       WORKFLOW_TIMEOUT
     ├── Canceled              CANCELED
     └── HandBack              (runner.engine.run) a run stopped without ending: shutdown
@@ -62,6 +63,7 @@ class ErrorCode(StrEnum):
     CONNECTION_ERROR = "CONNECTION_ERROR"
     RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
     RESPONSE_INVALID = "RESPONSE_INVALID"
+    PAGINATION_LIMIT = "PAGINATION_LIMIT"
     EGRESS_DENIED = "EGRESS_DENIED"
     WORKFLOW_TIMEOUT = "WORKFLOW_TIMEOUT"
     CANCELED = "CANCELED"
@@ -154,6 +156,12 @@ class ResponseError(RunnerError):
     nests deeper than ``RUNNER_MAX_JSON_DEPTH``, or an ``extract`` path fails on it."""
 
     default_code = ErrorCode.RESPONSE_INVALID
+
+
+class PaginationLimit(RunnerError):
+    """A paginated step reached maxPages, maxItems or maxBytes with ``onLimit: FAIL``."""
+
+    default_code = ErrorCode.PAGINATION_LIMIT
 
 
 class WorkflowTimeout(RunnerError):

@@ -321,6 +321,7 @@ class RunService:
         secrets: dict[str, str],
     ) -> RunContext:
         started = checkpoint.started_ms or self.clock.now_ms()
+        restored = {k: v for k, v in checkpoint.steps.items() if k in plan.by_key}
         deadline = (
             data.deadline_at if data.deadline_at is not None else started + plan.version.timeout_ms
         )
@@ -334,8 +335,11 @@ class RunService:
             deadline_ms=deadline,
             connections=connections,
             secrets=secrets,
-            restored={k: v for k, v in checkpoint.steps.items() if k in plan.by_key},
+            restored=restored,
             resume_attempts=checkpoint.resume_attempts,
+            restored_pages={
+                k: v for k, v in checkpoint.pages.items() if k in plan.by_key and k not in restored
+            },
             long_wait_ms=self.long_wait_ms,
         )
 

@@ -114,6 +114,22 @@ class Settings:
         "RUNNER_FOLLOW_REDIRECTS", False, "follow HTTP redirects (each hop checked for egress)"
     )
     max_redirects: int = _setting("RUNNER_MAX_REDIRECTS", 5, "redirect hops when following")
+    paginate_max_pages: int = _setting(
+        "RUNNER_PAGINATE_MAX_PAGES", 1000, "pages a paginated step fetches at most (maxPages)"
+    )
+    paginate_max_items: int = _setting(
+        "RUNNER_PAGINATE_MAX_ITEMS", 100_000, "items a paginated step gathers at most (maxItems)"
+    )
+    paginate_max_bytes: int = _setting(
+        "RUNNER_PAGINATE_MAX_BYTES",
+        16 * 1024 * 1024,
+        "body bytes a paginated step reads at most over its pages (maxBytes)",
+    )
+    paginate_checkpoint_bytes: int = _setting(
+        "RUNNER_PAGINATE_CHECKPOINT_BYTES",
+        1024 * 1024,
+        "items of a paginated step kept in the checkpoint for a resume; past it, a resume refetches",
+    )
     health_port: int = _setting(
         "RUNNER_HEALTH_PORT", 0, "serve /healthz, /readyz and /metrics on this port; 0 means off"
     )

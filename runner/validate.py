@@ -11,7 +11,8 @@ problem of the same list. This module adds what only a linter can say:
 1. The text is JSON and decodes as a WorkflowVersion. When it does not, each step, action and
    connection is decoded on its own so that every broken one is named.
 2. Everything ``compile_plan`` checks: step keys, actions and connections known, ``dependsOn``,
-   cycles, ``timeoutMs``, every template and JSONPath, every schema.
+   cycles, ``timeoutMs``, every template and JSONPath, every schema, and ``paginate`` (the
+   step's over its Action's, complete and sound for its mode: ``runner.engine.pagination``).
 3. Lint: each template reference can exist at that step:
    - ``input.<field>``: a top-level field that ``parameterSchema.properties`` (or ``required``)
      declares. Lenient on purpose when the schema cannot say which fields exist: no

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from runner.contract import Action, Step, WorkflowVersion
+from runner.engine.pagination import PaginateSpec, compile_paginate
 from runner.engine.schemas import (
     ACTION_SCHEMA_FIELDS,
     PlanSchemas,
@@ -48,6 +49,7 @@ class StepPlan:
     extract: tuple[tuple[str, JsonPath], ...]
     policy: RetryPolicy
     timeout_ms: int
+    paginate: PaginateSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,13 @@ def _step_plan(
     if action is None:
         return None
     action_headers = value(action.headers_template, f"$.actions.{action.id}.headersTemplate")
+    paginate = problems.attempt(
+        compile_paginate,
+        action.paginate,
+        step.paginate,
+        f"$.actions.{action.id}.paginate",
+        f"{where}.paginate",
+    )
     if len(problems.messages) > before:
         return None
     return StepPlan(
@@ -207,6 +216,7 @@ def _step_plan(
         extract=tuple(extract),
         policy=policy_for(action, step.retry),
         timeout_ms=step.timeout_ms if step.timeout_ms is not None else action.timeout_ms,
+        paginate=paginate,
     )
 
 

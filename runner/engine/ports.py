@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 
 from runner.clock import SystemClock as SystemClock
 from runner.contract import Connection
+from runner.engine.pagination import Progress, SavedPages
 from runner.errors import RunnerError
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.retry import RetryDecision
@@ -65,6 +66,8 @@ class StepResult:
     # When DEFERRED: the attempt to start with, and when.
     next_attempt: int = 1
     resume_at_ms: int = 0
+    # A paginated step: how many pages its checkpoint holds (forgotten once it is finished).
+    saved_pages: int = 0
 
     @property
     def duration_ms(self) -> int:
@@ -93,6 +96,15 @@ class Reporter(Protocol):
     async def step_running(self, key: str, attempt: int, started_ms: int) -> None: ...
     async def attempt_done(self, attempt: Attempt) -> None: ...
     async def step_done(self, result: StepResult, attempt: int) -> None: ...
+    async def page_done(
+        self, key: str, progress: Progress, items: list[Any], *, save_within: int | None
+    ) -> int | None:
+        """A paginated step finished a page that is not its last: a job-log line, and, when
+        ``save_within`` is a byte budget, the page in the checkpoint (``progress`` and the
+        page's items) if the items checkpointed so far stay within it. Returns the bytes of
+        items the checkpoint then holds, or None when it was not saved."""
+        ...
+
     async def run_done(
         self, status: RunStatus, error: RunnerError | None, steps: dict[str, StepResult]
     ) -> None: ...
@@ -117,6 +129,8 @@ class RunContext:
     restored: dict[str, StepResult] = field(default_factory=dict)
     # Steps deferred by an earlier delivery: the attempt each continues with.
     resume_attempts: dict[str, int] = field(default_factory=dict)
+    # Paginated steps in flight before this delivery: the pages they finished, by key.
+    restored_pages: dict[str, SavedPages] = field(default_factory=dict)
     cancel: Callable[[], asyncio.Future[str]] | None = None
     # Resolves when the process must give the run back (shutdown after the grace period).
     hand_back: Callable[[], asyncio.Future[str]] | None = None

@@ -9,7 +9,7 @@ with ``WORKFLOW_TIMEOUT`` at once (``runner.retry.decide``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -167,6 +167,40 @@ async def response_output_async(
 def _response_output(
     sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None
 ) -> dict[str, Any]:
+    output: dict[str, Any] = {
+        "status": response.status,
+        "headers": dict(response.headers),
+        "body": _decoded_body(sp, response, schemas),
+    }
+    for name, path in sp.extract:
+        if path.has_wildcard or path.exists(output):
+            output[name] = path.find(output)
+    return output
+
+
+def decoded_body(sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None) -> Any:
+    """A 2xx body decoded as its Content-Type says and checked against ``outputSchema``
+    (``response_output`` without the output around it); the same errors."""
+    try:
+        return _decoded_body(sp, response, schemas)
+    except RecursionError:
+        pass
+    raise ResponseError(
+        f"{sp.key}: the response body is {jsonlimits.too_deep_message()}",
+        status=response.status,
+    )
+
+
+async def decoded_body_async(
+    sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None
+) -> Any:
+    """``decoded_body``, in a worker thread when the body is over ``OFF_LOOP_BYTES``."""
+    if len(response.body) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decoded_body, sp, response, schemas)
+    return decoded_body(sp, response, schemas)
+
+
+def _decoded_body(sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None) -> Any:
     content_type = response.headers.get("content-type", "")
     body: Any
     if not response.body:
@@ -196,15 +230,10 @@ def _response_output(
         body = response.body.decode("utf-8", errors="replace")
     if schemas is not None:
         check_output(schemas, sp.key, body)
-    output: dict[str, Any] = {
-        "status": response.status,
-        "headers": dict(response.headers),
-        "body": body,
-    }
-    for name, path in sp.extract:
-        if path.has_wildcard or path.exists(output):
-            output[name] = path.find(output)
-    return output
+    return body
+
+
+Shape = Callable[[StepPlan, HttpResponse, "PlanSchemas | None"], Awaitable[Any]]
 
 
 async def run_attempts(
@@ -219,8 +248,13 @@ async def run_attempts(
     schemas: PlanSchemas | None = None,
     span: StepSpan | None = None,
     first_attempt: int = 1,
-) -> dict[str, Any]:
-    """Attempts until success, a final failure (raised), or the deadline. Fills ``result``."""
+    shape: Shape = response_output_async,
+    announce: bool = True,
+) -> Any:
+    """Attempts until success, a final failure (raised), or the deadline. Fills ``result``.
+    ``shape`` makes the value of a 2xx response (the step's output; a page of a paginated
+    step); ``announce`` False: no RUNNING events (the pages after the first: one event per page
+    would be a storm; their failed attempts are in the job log and the execution log)."""
     connection = _connection_of(sp, ctx)
     attempt = first_attempt
     may_have_reached_server = False
@@ -231,7 +265,8 @@ async def run_attempts(
             raise WorkflowTimeout("the run's deadline passed before the next attempt")
         cut_by_deadline = remaining_ms < sp.timeout_ms
         timeout_ms = min(sp.timeout_ms, remaining_ms)
-        await reporter.step_running(sp.key, attempt, result.started_ms or now)
+        if announce:
+            await reporter.step_running(sp.key, attempt, result.started_ms or now)
         result.attempts = attempt
         record = Attempt(
             step_key=sp.key,
@@ -260,6 +295,7 @@ async def run_attempts(
                 timeout_ms=timeout_ms,
                 cut_by_deadline=cut_by_deadline,
                 trace=trace,
+                shape=shape,
             )
         if not isinstance(outcome, RetryDecision):
             return outcome
@@ -286,7 +322,8 @@ async def _attempt(
     timeout_ms: int,
     cut_by_deadline: bool,
     trace: AttemptSpan,
-) -> dict[str, Any] | RetryDecision:
+    shape: Shape,
+) -> Any:
     """One attempt: its output, or the decision to retry; a final failure is raised."""
     try:
         response = await transport.send(
@@ -295,7 +332,7 @@ async def _attempt(
         trace.response(response.status)
         record.status = response.status
         if 200 <= response.status < 300:
-            output = await response_output_async(sp, response, schemas)
+            output = await shape(sp, response, schemas)
             record.duration_ms = clock.now_ms() - started_ms
             await reporter.attempt_done(record)
             return output

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import msgspec
 
 from runner.contract import RunEvent, StepEvent
+from runner.engine.pagination import Progress
 from runner.engine.ports import Attempt, RunStatus, StepResult
 from runner.errors import RunnerError
 from runner.log import log
@@ -239,7 +240,16 @@ class RunReporter:
         if error is not None:
             text += f": {error}"
         progress = None if canceled else self._progress(result.key, result.status)
-        await self._publish(event, checkpoint, progress=progress, lines=(text,), embedded=embedded)
+        forget: tuple[str, ...] = ()
+        if result.saved_pages and result.status in ("SUCCESS", "FAILED", "SKIPPED"):
+            # The step's result holds what its pages did: their checkpoint is done with.
+            forget = (
+                f"page:{result.key}",
+                *(f"page:{result.key}:{n}" for n in range(1, result.saved_pages + 1)),
+            )
+        await self._publish(
+            event, checkpoint, progress=progress, lines=(text,), embedded=embedded, forget=forget
+        )
         level: Level = "error" if result.status == "FAILED" else "info"
         if level == "info" and not self._info_kept:
             return
@@ -260,6 +270,48 @@ class RunReporter:
             step_key=result.key,
             attempt=attempt or None,
         )
+
+    async def page_done(
+        self, key: str, progress: Progress, items: list[Any], *, save_within: int | None
+    ) -> int | None:
+        """A page of a paginated step that is not its last: a job-log line, and the page in the
+        checkpoint when its items fit ``save_within`` (``page:{key}:{n}``, then ``page:{key}``
+        saying where the step stands), written together, without a status event."""
+        text = f"{key} page {progress.pages}: {len(items)} items ({progress.items} in all)"
+        checkpoint = None
+        saved: int | None = None
+        if save_within is not None:
+            raw = self.redact.json(items)
+            if progress.saved_bytes + len(raw) <= save_within:
+                saved = progress.saved_bytes + len(raw)
+                state = msgspec.structs.replace(progress, saved_bytes=saved)
+                checkpoint = {
+                    f"page:{key}:{progress.pages}": raw,
+                    f"page:{key}": self.redact.json(state),
+                }
+            else:
+                text += (
+                    "; not checkpointed (RUNNER_PAGINATE_CHECKPOINT_BYTES): a resume starts over"
+                )
+                self.warn(
+                    f"{key}: the items of {progress.pages} pages are over the checkpoint's"
+                    f" {save_within} bytes: a resumed run fetches the pages after page"
+                    f" {progress.pages - 1} again",
+                    stepKey=key,
+                )
+        await self._write(
+            Transition(
+                self.run_id,
+                self.job_id,
+                checkpoint=checkpoint,
+                log_lines=(self._line(text),),
+                keep_logs=self.keep_logs,
+                # The attempt a hand-back left for a page is that page's: once it is done, a
+                # later delivery starts its next page at attempt 1.
+                forget=(f"resume:{key}",),
+            )
+        )
+        return saved
 
     async def run_done(
         self, status: RunStatus, error: RunnerError | None, steps: dict[str, StepResult]
@@ -368,13 +420,16 @@ class RunReporter:
         progress: dict[str, Any] | None = None,
         lines: tuple[str, ...] = (),
         embedded: bytes | None = None,
+        forget: tuple[str, ...] = (),
     ) -> Awaitable[None]:
         """Write one transition. Not a coroutine, nor is ``_write``: the caller awaits the
         sink's write directly, so a run resumes through two frames fewer when its batch is
         written."""
-        return self._write(
-            self._transition(event, checkpoint, progress=progress, lines=lines, embedded=embedded)
+        transition = self._transition(
+            event, checkpoint, progress=progress, lines=lines, embedded=embedded
         )
+        transition.forget = forget
+        return self._write(transition)
 
     def _transition(
         self,

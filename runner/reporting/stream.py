@@ -51,6 +51,7 @@ class Transition:
     __slots__ = (
         "checkpoint",
         "event",
+        "forget",
         "job_id",
         "keep_logs",
         "log_lines",
@@ -72,6 +73,9 @@ class Transition:
         keep_logs: int = 0,
         # Start the checkpoint's retention over (the run's first write of each delivery).
         renew: bool = False,
+        # Checkpoint fields to delete, after the fields above are set (a paginated step's pages
+        # once the step has finished).
+        forget: tuple[str, ...] = (),
     ) -> None:
         self.run_id = run_id
         self.job_id = job_id
@@ -82,6 +86,7 @@ class Transition:
         self.log_lines = log_lines
         self.keep_logs = keep_logs
         self.renew = renew
+        self.forget = forget
 
     def __repr__(self) -> str:
         return f"Transition(run_id={self.run_id!r}, job_id={self.job_id!r}, seq={self.seq!r})"
@@ -150,9 +155,12 @@ class RedisStatusSink:
                     # Once per delivery: a delivery lasts minutes, the retention days.
                     commands.append((b"EXPIRE", heads.run_key, self.retention_s))
             elif t.checkpoint:
-                # Checkpoint fields without an event (where deferred steps resume).
+                # Checkpoint fields without an event (where deferred steps resume, a
+                # paginated step's pages).
                 fields = [part for item in t.checkpoint.items() for part in item]
                 commands.append((b"HSET", heads.run_key, *fields))
+            if t.forget:
+                commands.append((b"HDEL", heads.run_key, *t.forget))
             if t.progress is not None:
                 progress = t.progress
                 commands.append(b"%s$%d\r\n%s\r\n" % (heads.progress, len(progress), progress))
@@ -281,6 +289,8 @@ class MemoryStatusSink:
                 run.update(t.checkpoint)
         elif t.checkpoint:
             self.runs.setdefault(t.run_id, {}).update(t.checkpoint)
+        for name in t.forget:
+            self.runs.get(t.run_id, {}).pop(name, None)
         if t.progress is not None:
             self.progress.setdefault(t.job_id, []).append(t.progress)
         if t.log_lines:

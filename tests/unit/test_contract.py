@@ -4,20 +4,26 @@ No sockets."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from runner.contract import (
+    Action,
     JobData,
+    Paginate,
+    Step,
     _located,
     decode_credentials,
     decode_job_data,
     decode_workflow_version,
     path_of,
 )
+from runner.engine.pagination import PageLimits
 from runner.errors import CredentialsError, DefinitionError, ErrorCode, PayloadError
+from runner.settings import Settings
 
 JOB: dict[str, Any] = {
     "workflowRunId": "run_8f2c",
@@ -314,3 +320,46 @@ def test_given_a_path_without_a_mapping_key_then_it_is_left_as_it_is() -> None:
     assert _located("$.input: expected object, got int", {"input": 1}, dict) == (
         "$.input: expected object, got int"
     )
+
+
+# --- pagination (docs/contract.md "Pagination") --------------------------------------------
+
+
+def _pagination_section() -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    return text[text.index("## Pagination") :]
+
+
+def test_the_pagination_section_names_every_paginate_field_stop_and_setting() -> None:
+    section = _pagination_section()
+    for name in Paginate.__struct_encode_fields__:
+        assert f"`{name}`" in section, name
+    for stop in (
+        "end",
+        "emptyPage",
+        "shortPage",
+        "stopPath",
+        "hasMorePath",
+        "maxPages",
+        "maxItems",
+        "maxBytes",
+    ):
+        assert f"`{stop}`" in section, stop
+    assert "`PAGINATION_LIMIT`" in section and ErrorCode.PAGINATION_LIMIT == "PAGINATION_LIMIT"
+    output = '{"status": <last page\'s status>, "items": [...], "pages": n, "itemCount": n,'
+    assert output in section
+    assert "`{workflowRunId}:{stepKey}:page:{n}`" in section
+    assert "`page:{key}`" in section and "`page:{key}:{n}`" in section
+    defaults, limits = Settings(), PageLimits()
+    assert (defaults.paginate_max_pages, limits.max_pages) == (1000, 1000)
+    assert (defaults.paginate_max_items, limits.max_items) == (100_000, 100_000)
+    assert defaults.paginate_max_bytes == limits.max_bytes == 16 * 1024 * 1024
+    assert defaults.paginate_checkpoint_bytes == limits.checkpoint_bytes == 1024 * 1024
+    assert "`RUNNER_PAGINATE_MAX_PAGES` (1000)" in section
+    assert "`RUNNER_PAGINATE_CHECKPOINT_BYTES` (1 MiB)" in section
+
+
+def test_paginate_is_on_the_action_and_the_step_and_forbids_unknown_fields() -> None:
+    assert Action.__struct_fields__.count("paginate") == 1
+    assert Step.__struct_fields__.count("paginate") == 1
+    assert Paginate.__struct_config__.forbid_unknown_fields
