@@ -25,6 +25,9 @@ from runner.credentials import CredentialSource, parse_key
 from runner.definitions import DefinitionStore
 from runner.engine.ports import SystemClock
 from runner.engine.run import Engine
+from runner.flow.limits import Flow
+from runner.flow.policy import Defaults
+from runner.flow.redis_store import RedisStore
 from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
@@ -53,6 +56,7 @@ class Runtime:
     settings: Settings
     redis: aioredis.Redis
     status_connection: RespConnection
+    flow_connection: RespConnection
     session: aiohttp.ClientSession
     control_session: aiohttp.ClientSession
     execlog: ExecutionLog
@@ -77,6 +81,7 @@ class Runtime:
         await self.control_session.close()
         await self.redis.aclose()
         self.status_connection.close()
+        self.flow_connection.close()
 
 
 async def build(settings: Settings) -> Runtime:
@@ -155,10 +160,19 @@ async def build(settings: Settings) -> Runtime:
     cancels = CancelWatch(
         RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s), keys
     )
+    flow_connection = RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s)
+    flow = Flow(
+        RedisStore(flow_connection),
+        keys,
+        Defaults.parse(
+            settings.rate_limit, settings.max_concurrency_per_connection, settings.circuit_breaker
+        ),
+        now_ms=clock.now_ms,
+    )
     service = RunService(
         definitions=definitions,
         credentials=CredentialSource(control_plane=control_plane, key=key),
-        engine=Engine(transport, clock, step_parallelism=settings.step_parallelism),
+        engine=Engine(transport, clock, step_parallelism=settings.step_parallelism, flow=flow),
         sink=RedisStatusSink(
             status_connection,
             stream=settings.stream_key,
@@ -178,11 +192,13 @@ async def build(settings: Settings) -> Runtime:
         telemetry=tel,
     )
     metrics = RunnerMetrics(tel, redis, queue_base=keys.base, concurrency=settings.concurrency)
+    tel.bind_flow(flow.stats)
     worker = QueueWorker(settings, metrics.wrap(service.handle))
     return Runtime(
         settings=settings,
         redis=redis,
         status_connection=status_connection,
+        flow_connection=flow_connection,
         session=session,
         control_session=control_session,
         execlog=execlog,

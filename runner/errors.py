@@ -13,6 +13,7 @@ One root, and the code is data on the error, not a class per code::
     ├── StepHTTPError         HTTP_ERROR                carries ``status``
     ├── TransportError        TIMEOUT | CONNECTION_ERROR | RESPONSE_TOO_LARGE | EGRESS_DENIED
     ├── ResponseError         RESPONSE_INVALID          a 2xx body that cannot be used
+    ├── CircuitOpen           CIRCUIT_OPEN              the base URL's breaker is open (whenOpen FAIL)
     ├── WorkflowTimeout       WORKFLOW_TIMEOUT
     └── Canceled              CANCELED
 
@@ -44,6 +45,7 @@ class ErrorCode(StrEnum):
     RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
     RESPONSE_INVALID = "RESPONSE_INVALID"
     EGRESS_DENIED = "EGRESS_DENIED"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
     WORKFLOW_TIMEOUT = "WORKFLOW_TIMEOUT"
     CANCELED = "CANCELED"
     INTERNAL = "INTERNAL"
@@ -135,6 +137,13 @@ class ResponseError(RunnerError):
     nests deeper than ``RUNNER_MAX_JSON_DEPTH``, or an ``extract`` path fails on it."""
 
     default_code = ErrorCode.RESPONSE_INVALID
+
+
+class CircuitOpen(RunnerError):
+    """The circuit breaker of the step's base URL is open and its connection says
+    ``whenOpen: FAIL``: the step fails at once, without a request."""
+
+    default_code = ErrorCode.CIRCUIT_OPEN
 
 
 class WorkflowTimeout(RunnerError):

@@ -32,6 +32,7 @@ from runner.engine.plan import Plan, StepPlan
 from runner.engine.ports import (
     Clock,
     Deferral,
+    FlowControl,
     Reporter,
     RunContext,
     RunStatus,
@@ -101,10 +102,18 @@ class _State:
 
 
 class Engine:
-    def __init__(self, transport: Transport, clock: Clock, *, step_parallelism: int = 8) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        clock: Clock,
+        *,
+        step_parallelism: int = 8,
+        flow: FlowControl | None = None,
+    ) -> None:
         self.transport = transport
         self.clock = clock
         self.step_parallelism = max(1, step_parallelism)
+        self.flow = flow
 
     async def run(self, plan: Plan, ctx: RunContext, reporter: Reporter) -> RunOutcome:
         results = dict(ctx.restored)
@@ -291,6 +300,7 @@ class Engine:
                 schemas=state.plan.schemas,
                 span=span,
                 first_attempt=ctx.resume_attempts.get(sp.key, 1),
+                flow=self.flow,
             )
             res.status = "SUCCESS"
         except Deferral as deferral:
