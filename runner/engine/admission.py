@@ -80,4 +80,6 @@ async def admit(
         waited_ms += sleep_ms
         flow.waited(gate, grant.reason, sleep_ms)
         if grant.admitted:
-            return grant, waited_ms
+            if await gate.paused_ms() <= 0:
+                return grant, waited_ms
+            gate.abandon(grant)  # the API said "none left" while this slept: ask again

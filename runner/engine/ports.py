@@ -96,6 +96,11 @@ class FlowGate(Protocol):
         count a failure for the breaker. Never raises."""
         ...
 
+    async def paused_ms(self) -> int:
+        """How long an API's pause of the budget still lasts (0: none): asked after sleeping
+        until a reserved place, since the API may have said "none left" meanwhile."""
+        ...
+
     def abandon(self, grant: Grant) -> None:
         """The attempt was interrupted: release its lease in the background."""
         ...

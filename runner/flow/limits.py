@@ -85,6 +85,7 @@ class Reading:
 class Store(Protocol):
     async def acquire(self, ask: Acquire) -> Grant: ...
     async def settle(self, outcome: Settle) -> None: ...
+    async def paused_ms(self, keys: GateKeys, tenant_scoped: bool) -> int: ...
 
 
 class Gate:
@@ -149,6 +150,14 @@ class Gate:
             await self.control.store.settle(outcome)
         except Exception as err:  # the lease expires on its own; the next answer teaches again
             log.warning("flow.settle_failed", connection=self._name, error=type(err).__name__)
+
+    async def paused_ms(self) -> int:
+        if not (self.policy.rate or self.policy.tenant_scoped):
+            return 0
+        try:
+            return await self.control.store.paused_ms(self.keys, self.policy.tenant_scoped)
+        except Exception:
+            return 0
 
     def abandon(self, grant: Grant) -> None:
         reading = grant.token

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from runner.engine.ports import Grant
 from runner.flow import gcra
 from runner.flow.gcra import BreakerState, ScopeState
-from runner.flow.limits import Acquire, Reading, Settle
+from runner.flow.limits import Acquire, GateKeys, Reading, Settle
 
 
 @dataclass
@@ -122,6 +122,13 @@ class MemoryStore:
             self._adapt(self._scope(k.connection), outcome, now)
             if p.tenant_scoped:
                 self._adapt(self._scope(k.tenant), outcome, now)
+
+    async def paused_ms(self, keys: GateKeys, tenant_scoped: bool) -> int:
+        now = self.now_ms()
+        until = self._scope(keys.connection).pause_until
+        if tenant_scoped:
+            until = max(until, self._scope(keys.tenant).pause_until)
+        return max(0, until - now)
 
     def _adapt(self, s: ScopeState, o: Settle, now: int) -> None:
         if o.pause_ms and now + o.pause_ms > s.pause_until:

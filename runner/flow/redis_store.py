@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from runner.engine.ports import Grant
-from runner.flow.limits import Acquire, Settle, acquire_args, grant_of, settle_args
-from runner.flow.scripts import ACQUIRE, SCRIPTS, SETTLE
+from runner.flow.limits import Acquire, GateKeys, Settle, acquire_args, grant_of, settle_args
+from runner.flow.scripts import ACQUIRE, PAUSED, SCRIPTS, SETTLE
 from runner.resp import Batches, Command, Executor, ReplyError, load_missing_scripts
 
 
@@ -19,7 +19,9 @@ class RedisStore:
     async def _execute(self, commands: list[Command]) -> list[Any]:
         replies = await self.connection.execute(commands)
         replies = await load_missing_scripts(self.connection, SCRIPTS, commands, replies)
-        return [ConnectionError(str(r)) if isinstance(r, ReplyError) else r for r in replies]
+        return [
+            RuntimeError(f"flow script: {r}") if isinstance(r, ReplyError) else r for r in replies
+        ]
 
     async def acquire(self, ask: Acquire) -> Grant:
         reply = await self.batches.submit(ACQUIRE.call(ask.keys.all(), acquire_args(ask)))
@@ -27,3 +29,7 @@ class RedisStore:
 
     async def settle(self, outcome: Settle) -> None:
         await self.batches.submit(SETTLE.call(outcome.keys.all(), settle_args(outcome)))
+
+    async def paused_ms(self, keys: GateKeys, tenant_scoped: bool) -> int:
+        call = PAUSED.call(keys.all(), [0, 1 if tenant_scoped else 0])
+        return int(await self.batches.submit(call))

@@ -188,4 +188,15 @@ return 1
 """
 )
 
-SCRIPTS = (ACQUIRE, SETTLE)
+PAUSED = Script(
+    _COMMON
+    + """
+local ends = state(KEYS[1]).pause
+if ARGV[2] == '1' then ends = math.max(ends, state(KEYS[3]).pause) end
+return math.max(0, math.ceil(ends - now))
+"""
+)
+"""After sleeping until its reserved place: has an API paused the budget meanwhile? ARGV:
+now|0, tenant scoped 0|1. Replies the pause's milliseconds left (0: none)."""
+
+SCRIPTS = (ACQUIRE, SETTLE, PAUSED)

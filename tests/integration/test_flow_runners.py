@@ -1,0 +1,220 @@
+"""Flow control across two runner processes: real Redis, a real local API that enforces its
+own budget, and two ``python -m runner`` sharing one connection's budget and breaker.
+
+Each test would fail on a runner without flow control: the API's 429s (or 503s) are counted
+on the server, where they happen."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from tests.conftest import node_peer, read_stream
+from tests.integration.test_resilience import wait_for
+from tests.workflows import job_data
+
+pytestmark = pytest.mark.integration
+
+
+class BudgetApi:
+    """Allows ``per_window`` requests per fixed window of ``window_s``; 429 beyond. With
+    ``headers`` every answer says what is left (``RateLimit-Remaining``/``-Reset``) and a 429
+    says ``Retry-After``; without, a 429 is all it says. ``down``: every request gets a 503."""
+
+    def __init__(self, per_window: int, window_s: float = 1.0, *, headers: bool = True) -> None:
+        self.per_window = per_window
+        self.window_s = window_s
+        self.headers = headers
+        self.down = False
+        self.ok_at: list[float] = []
+        self.rejected = 0
+        self.unavailable = 0
+        self._window = -1
+        self._used = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.down:
+            self.unavailable += 1
+            return web.json_response({"error": "down"}, status=503)
+        now = time.monotonic()
+        window = int(now // self.window_s)
+        if window != self._window:
+            self._window, self._used = window, 0
+        reset_s = max(1, math.ceil((window + 1) * self.window_s - now))
+        if self._used >= self.per_window:
+            self.rejected += 1
+            headers = {}
+            if self.headers:
+                headers = {
+                    "Retry-After": str(reset_s),
+                    "RateLimit-Remaining": "0",
+                    "RateLimit-Reset": str(reset_s),
+                }
+            return web.json_response({"error": "slow down"}, status=429, headers=headers)
+        self._used += 1
+        self.ok_at.append(now)
+        headers = {}
+        if self.headers:
+            headers = {
+                "RateLimit-Remaining": str(self.per_window - self._used),
+                "RateLimit-Reset": str(reset_s),
+            }
+        return web.json_response({"id": "x"}, headers=headers)
+
+
+def one_step_version(base: str, config: dict[str, Any], **action: Any) -> dict[str, Any]:
+    return {
+        "id": "wfv_flow",
+        "graph": {"steps": [{"key": "call", "actionId": "get", "connectionId": "c"}]},
+        "actions": {"get": {"id": "get", "method": "GET", "endpointTemplate": "/x", **action}},
+        "connections": {"c": {"id": "c", "type": "NONE", "config": {"baseUrl": base, **config}}},
+        "timeoutMs": 120_000,
+    }
+
+
+async def run_all(
+    redis: aioredis.Redis, queue: str, version: dict[str, Any], n: int, timeout_s: float = 60
+) -> None:
+    jobs = [
+        {"data": job_data(f"run_{i}", version), "opts": {"jobId": f"run_{i}"}} for i in range(n)
+    ]
+    await node_peer("add", {"queue": queue, "jobs": jobs})
+
+    async def finished() -> bool:
+        done = await redis.zcard(f"bull:{queue}:completed")
+        failed = await redis.zcard(f"bull:{queue}:failed")
+        return done + failed >= n
+
+    await wait_for(finished, timeout_s, f"{n} runs to finish")
+
+
+async def two_runners(runner_process: Any, **env: str) -> None:
+    await asyncio.gather(
+        runner_process(RUNNER_CONCURRENCY="20", **env),
+        runner_process(RUNNER_CONCURRENCY="20", **env),
+    )
+
+
+async def test_two_runners_share_one_rate_limit_and_the_api_never_says_429(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given an API allowing 10 requests a second with no retries on the step, and a connection
+    # limited to the same rate, and two runners of 20 slots each
+    api = BudgetApi(10, headers=False)
+    base = await serve(api.app())
+    await two_runners(runner_process)
+    version = one_step_version(base, {"rateLimit": {"requests": 10, "perMs": 1000}})
+
+    # When 30 runs go at once
+    await run_all(redis, clean_queue, version, 30)
+
+    # Then every one succeeded and the API refused none
+    assert await redis.zcard(f"bull:{clean_queue}:completed") == 30
+    assert api.rejected == 0
+    # and no second held more than the budget allows (10, plus one at its edge)
+    for t in api.ok_at:
+        assert sum(1 for u in api.ok_at if t <= u < t + 1.0) <= 11
+    # and the runs that waited said why in their status events
+    events = await read_stream(redis, f"bull:{clean_queue}:status")
+    reasons = {e.get("waitReason") for e in events if e.get("kind") == "step"}
+    assert "rate" in reasons
+
+
+async def test_an_api_that_says_its_budget_pauses_every_runner_before_it_must_refuse(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given an API allowing 5 a second that tells what is left, a connection whose own limit is
+    # far too generous, and steps that retry
+    api = BudgetApi(5, headers=True)
+    base = await serve(api.app())
+    await two_runners(runner_process)
+    version = one_step_version(
+        base,
+        {"rateLimit": {"requests": 100, "perMs": 1000, "burst": 2}},
+        retryStrategy="FIXED",
+        maxAttempts=10,
+        initialDelayMs=200,
+    )
+
+    # When 20 runs go at once
+    await run_all(redis, clean_queue, version, 20)
+
+    # Then all succeed, and the API's "0 remaining" paused both runners: few 429s at all
+    # (without flow control every request beyond 5 a window is refused, dozens of them)
+    assert await redis.zcard(f"bull:{clean_queue}:completed") == 20
+    assert api.rejected <= 4, api.rejected
+
+
+async def test_429s_without_headers_back_the_shared_budget_off(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given an API allowing 5 a second that says nothing but 429, and a connection set to 20
+    api = BudgetApi(5, headers=False)
+    base = await serve(api.app())
+    await two_runners(runner_process)
+    version = one_step_version(
+        base,
+        {"rateLimit": {"requests": 20, "perMs": 1000}},
+        retryStrategy="FIXED",
+        maxAttempts=20,
+        initialDelayMs=300,
+    )
+
+    # When 30 runs go
+    await run_all(redis, clean_queue, version, 30, timeout_s=90)
+
+    # Then all succeed, and the shared budget was backed off (its factor is below 1)
+    assert await redis.zcard(f"bull:{clean_queue}:completed") == 30
+    factor = await redis.hget(f"bull:{clean_queue}:flow:c", "factor")
+    assert factor is not None and float(factor) < 1.0
+
+
+async def test_an_api_that_is_down_is_probed_not_hammered_and_runs_recover(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given an API that is down, a breaker that opens after 3 failures for 1 s, and steps that
+    # retry every 100 ms
+    api = BudgetApi(1000, headers=False)
+    api.down = True
+    base = await serve(api.app())
+    await two_runners(runner_process)
+    version = one_step_version(
+        base,
+        {"circuitBreaker": {"failures": 3, "windowMs": 10_000, "coolDownMs": 1000}},
+        retryStrategy="FIXED",
+        maxAttempts=50,
+        initialDelayMs=100,
+    )
+    jobs = [
+        {"data": job_data(f"run_{i}", version), "opts": {"jobId": f"run_{i}"}} for i in range(10)
+    ]
+    await node_peer("add", {"queue": clean_queue, "jobs": jobs})
+
+    # When it stays down for 3 s, then comes back
+    await asyncio.sleep(3.0)
+    down_hits = api.unavailable
+    api.down = False
+    await wait_for(
+        lambda: _completed(redis, clean_queue, 10), 30, "10 runs to complete after recovery"
+    )
+
+    # Then while open only a probe per cool-down got through (3 to open, then about one a
+    # second for 3 s, plus the requests already in flight when it opened); without the
+    # breaker, 10 runs retrying every 100 ms make some 300 requests in those 3 s
+    assert down_hits <= 3 + 20 + 4, down_hits
+    assert await redis.zcard(f"bull:{clean_queue}:failed") == 0
+
+
+async def _completed(redis: aioredis.Redis, queue: str, n: int) -> bool:
+    return await redis.zcard(f"bull:{queue}:completed") >= n
