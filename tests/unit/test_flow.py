@@ -430,3 +430,39 @@ async def test_given_a_5xx_counts_for_the_breaker_and_a_4xx_does_not() -> None:
     assert grant.admitted
     await gate.settle(grant, status=502, headers={}, error_code="HTTP_ERROR")
     assert not (await gate.acquire(reserve_ms=0, lease_ms=1000)).admitted
+
+
+# --- what the metrics read -------------------------------------------------------------------
+
+
+def test_flow_stats_are_exported_per_connection_and_reason() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from runner.flow.stats import FlowStats
+    from runner.telemetry import SdkTelemetry
+
+    reader = InMemoryMetricReader()
+    tel = SdkTelemetry(TracerProvider(), MeterProvider(metric_readers=[reader]), "q")
+    stats = FlowStats()
+    tel.bind_flow(stats)
+    stats.waited("crm", "rate", 250)
+    stats.waited("crm", "rate", 50)
+    stats.adapted("crm", "pause")
+    stats.breaker_seen("desk", "open")
+    data = reader.get_metrics_data()
+    assert data is not None
+    found = {
+        m.name: [(dict(p.attributes or {}), p.value) for p in m.data.data_points]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    crm_rate = {"workflow.connection": "crm", "workflow.flow.reason": "rate"}
+    assert found["workflow.flow.wait"] == [(crm_rate, 300)]
+    assert found["workflow.flow.waits"] == [(crm_rate, 2)]
+    assert found["workflow.flow.adaptations"] == [
+        ({"workflow.connection": "crm", "workflow.flow.adaptation": "pause"}, 1)
+    ]
+    assert found["workflow.flow.breaker.state"] == [({"workflow.connection": "desk"}, 2)]
