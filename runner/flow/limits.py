@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from runner.contract import Connection
+from runner.contract import Connection, ConnectionConfig
 from runner.engine.ports import FlowGate, Grant
 from runner.flow.hints import budget_hint
 from runner.flow.policy import Defaults, Policy, policy_of
@@ -26,6 +26,9 @@ from runner.log import log
 from runner.queue.keys import Keys
 
 _BREAKER_CODES = frozenset({"TIMEOUT", "CONNECTION_ERROR"})
+FAIR_RESERVE_MIN_MS = 50
+"""With fair share, how far ahead a place may be reserved: two intervals (times the burst), at
+least this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,13 @@ class Gate:
         return self.policy.breaker is not None and self.policy.breaker.fail_fast
 
     async def acquire(self, *, reserve_ms: int, lease_ms: int) -> Grant:
+        p = self.policy
+        if p.fair_share and p.rate is not None:
+            # Shared fairly, a place is reserved only just ahead: a flood reserving seconds
+            # ahead would hold every place a tenant arriving later could take.
+            reserve_ms = min(
+                reserve_ms, max(FAIR_RESERVE_MIN_MS, round(2 * p.rate.interval_ms * p.rate.burst))
+            )
         ask = Acquire(
             self.keys, self.policy, self.tenant_id, reserve_ms, os.urandom(8).hex(), lease_ms
         )
@@ -230,12 +240,13 @@ class Flow:
     defaults: Defaults = field(default_factory=Defaults)
     stats: FlowStats = field(default_factory=FlowStats)
     now_ms: Callable[[], int] = field(default=lambda: int(time.time() * 1000))
-    _policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
+    _policies: dict[ConnectionConfig, Policy] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def gate(self, connection: Connection, tenant_id: str, base_url: str) -> FlowGate | None:
-        # Cached by the config's identity: a definition is decoded once and kept compiled.
-        cache_key = (connection.id, id(connection.config))
+        # Cached by the config's value (a frozen Struct): a run's resolved connections are new
+        # objects each time, with the same config.
+        cache_key = connection.config
         policy = self._policies.get(cache_key)
         if policy is None:
             if len(self._policies) > 10_000:

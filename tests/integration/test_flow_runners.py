@@ -218,3 +218,60 @@ async def test_an_api_that_is_down_is_probed_not_hammered_and_runs_recover(
 
 async def _completed(redis: aioredis.Redis, queue: str, n: int) -> bool:
     return await redis.zcard(f"bull:{queue}:completed") >= n
+
+
+class TenantLog:
+    def __init__(self) -> None:
+        self.order: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.order.append(request.query.get("t", "?"))
+        return web.json_response({"id": "x"})
+
+
+async def test_one_tenants_flood_does_not_starve_another_tenant_on_a_shared_connection(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given a connection of 10 requests/s shared fairly between tenants, and two runners
+    api = TenantLog()
+    base = await serve(api.app())
+    await two_runners(runner_process)
+    version = one_step_version(
+        base,
+        {"rateLimit": {"requests": 10, "perMs": 1000}, "tenantLimits": {"fairShare": True}},
+    )
+    version["graph"]["steps"][0]["input"] = {"query": {"t": "{{ run.tenantId }}"}}
+
+    # When tenant A floods it with 40 runs, and tenant B then asks for 5
+    flood = [
+        {"data": job_data(f"a_{i}", version, tenantId="A"), "opts": {"jobId": f"a_{i}"}}
+        for i in range(40)
+    ]
+    await node_peer("add", {"queue": clean_queue, "jobs": flood})
+    await wait_for(_served(api, 3), 10, "the flood to start")
+    few = [
+        {"data": job_data(f"b_{i}", version, tenantId="B"), "opts": {"jobId": f"b_{i}"}}
+        for i in range(5)
+    ]
+    await node_peer("add", {"queue": clean_queue, "jobs": few})
+    await wait_for(lambda: _completed(redis, clean_queue, 45), 60, "all 45 runs")
+
+    # Then B's five were served beside A's, not after the flood: within 15 requests of B's
+    # arrival, where a first-come queue would have served A's 40 first
+    first_b = api.order.index("B")
+    last_b = len(api.order) - 1 - api.order[::-1].index("B")
+    assert api.order.count("B") == 5
+    assert last_b < 30, api.order
+    assert last_b - first_b <= 15, api.order
+
+
+def _served(api: TenantLog, n: int) -> Any:
+    async def check() -> bool:
+        return len(api.order) >= n
+
+    return check

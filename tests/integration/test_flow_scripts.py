@@ -203,3 +203,26 @@ async def test_the_scripts_run_on_redis_time_when_no_time_is_given(prefix: str) 
         assert float(await client.hget(keys[0], "tat")) > T0 - 10**12  # an epoch time in ms
     finally:
         await client.aclose()
+
+
+async def test_the_pause_check_agrees(prefix: str) -> None:
+    clock = Clock()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        stores = [MemoryStore(clock.now_ms), TimedRedisStore(client, clock)]
+        conn = connection({"rateLimit": {"requests": 10, "perMs": 1000}})
+        flows = [Flow(s, Keys(prefix, "q"), now_ms=clock.now_ms) for s in stores]  # type: ignore[arg-type]
+        gates = [f.gate(conn, "t", "http://api") for f in flows]
+        for gate in gates:
+            assert gate is not None
+            grant = await gate.acquire(reserve_ms=5000, lease_ms=1000)
+            await gate.settle(grant, status=429, headers={"retry-after": "3"}, error_code=None)
+        clock.now += 1000
+        memory = await stores[0].paused_ms(gates[0].keys, False)  # type: ignore[union-attr]
+        keys = gates[1].keys.all()  # type: ignore[union-attr]
+        from runner.flow.scripts import PAUSED
+
+        in_redis = await client.eval(PAUSED.text, len(keys), *keys, clock.now, 0)
+        assert memory == in_redis == 2000
+    finally:
+        await client.aclose()
