@@ -7,7 +7,8 @@ Read, in this order (names compared in lower case, as ``HttpResponse`` keeps the
   structured form ``RateLimit: "policy";r=<remaining>;t=<reset>``, and the common
   ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` (delta seconds, or epoch seconds as GitHub
   sends them): none left means pause until the reset; some left means at most ``remaining``
-  requests until the reset, which lowers the budget when that is tighter than ours;
+  requests until the reset, which lowers the budget when that is tighter than ours (for a
+  reset at least ``PACE_MIN_RESET_MS`` away);
 - a 429 that says none of this: back the budget off (``runner.flow.gcra``, AIMD).
 """
 
@@ -22,6 +23,11 @@ from runner.retry import parse_retry_after_s
 
 MAX_HINT_MS = 3_600_000
 """A server's pause or budget is believed for an hour at most (a typo'd epoch, a buggy API)."""
+PACE_MIN_RESET_MS = 10_000
+"""Some left lowers the budget to ``remaining`` per ``reset`` only for a reset this far off:
+resets come in whole seconds, so for a short window the rounding would dominate (a 1 s window
+with 2 left, its reset rounded up from 0.1 s, would space requests 500 ms apart). Short
+windows are paused at 0 left instead."""
 _EPOCH_S = 1_000_000_000  # a reset above this is an epoch time in seconds, not a delta
 _STRUCTURED = re.compile(r"(?:^|;)\s*([rt])\s*=\s*(\d+)")
 
@@ -54,7 +60,7 @@ def budget_hint(status: int, headers: Mapping[str, str], now_ms: int) -> BudgetH
     if remaining is not None and reset_ms is not None:
         if remaining == 0:
             pause_ms = max(pause_ms, reset_ms)
-        elif reset_ms > 0:
+        elif reset_ms >= PACE_MIN_RESET_MS:
             return BudgetHint(pause_ms, reset_ms / remaining, reset_ms)
     if pause_ms:
         return BudgetHint(pause_ms=pause_ms)

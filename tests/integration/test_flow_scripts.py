@@ -123,14 +123,14 @@ async def test_pause_and_override_from_headers_agree(prefix: str) -> None:
         (10, "t", "ask"),
         (10, "t", "ask", 1000),
         (3000, "t", "ask"),
-        (3000, "t", "tell", 200, {"ratelimit-remaining": "4", "ratelimit-reset": "2"}, None),
+        (3000, "t", "tell", 200, {"ratelimit-remaining": "4", "ratelimit-reset": "20"}, None),
         (3000, "t", "ask"),
         (3001, "t", "ask"),
     ]
     seen = await replay(prefix, config, script)
     assert seen[1] == (True, 1990, "paused")
     assert seen[2][:2] == (False, 2000)  # behind the reservation made at the pause's end
-    assert seen[5][1] == 509  # the API said 4 in 2 s: 500 ms apart, after the one at 3010
+    assert seen[5][1] == 5009  # the API said 4 in 20 s: 5 s apart, after the one at 3010
 
 
 async def test_back_off_and_recovery_agree(prefix: str) -> None:
