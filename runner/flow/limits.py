@@ -67,7 +67,7 @@ class Settle:
     policy: Policy
     lease_id: str
     release: bool
-    breaker: str  # "ok", "fail" or "-"
+    breaker: str  # "ok", "fail", "drop" (a probe that was not sent) or "-"
     probe: bool
     pause_ms: int = 0
     interval_ms: float = 0.0
@@ -171,9 +171,11 @@ class Gate:
 
     def abandon(self, grant: Grant) -> None:
         reading = grant.token
-        if not isinstance(reading, Reading) or not self._leased():
+        if not isinstance(reading, Reading) or not (self._leased() or grant.probe):
             return
-        outcome = Settle(self.keys, self.policy, reading.lease_id, True, "-", False)
+        # A probe that never went out gives its turn back at once, not when its lease ends.
+        breaker = "drop" if grant.probe else "-"
+        outcome = Settle(self.keys, self.policy, reading.lease_id, self._leased(), breaker, False)
         self.control.spawn(self.control.store.settle(outcome))
 
     def _leased(self) -> bool:

@@ -118,6 +118,8 @@ class MemoryStore:
             )
         elif outcome.breaker == "ok":
             self.breakers.pop(k.breaker, None)
+        elif outcome.breaker == "drop" and k.breaker in self.breakers:
+            self.breakers[k.breaker].probe_until = 0
         if outcome.pause_ms or outcome.interval_ms or outcome.back_off or outcome.recover:
             self._adapt(self._scope(k.connection), outcome, now)
             if p.tenant_scoped:

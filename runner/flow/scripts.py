@@ -15,7 +15,7 @@ conn max, tenant interval, tenant burst, tenant max, fair share 0|1, active wind
 scoped 0|1, breaker 0|1. Replies {admitted 0|1, wait_ms (-1: poll), reason, probe 0|1,
 connection factor (text), breaker failures}.
 
-SETTLE ARGV: now|0, lease_id, release 0|1, tenant scoped 0|1, breaker outcome ok|fail|-,
+SETTLE ARGV: now|0, lease_id, release 0|1, tenant scoped 0|1, breaker outcome ok|fail|drop|-,
 probe 0|1, failures, window ms, cool-down ms, pause ms, interval ms, lasts ms, back off 0|1,
 recover 0|1.
 """
@@ -159,6 +159,8 @@ if outcome == 'fail' then
   redis.call('PEXPIRE', KEYS[6], cool + window + 60000)
 elseif outcome == 'ok' then
   redis.call('DEL', KEYS[6])
+elseif outcome == 'drop' and redis.call('EXISTS', KEYS[6]) == 1 then
+  redis.call('HSET', KEYS[6], 'probe', 0)
 end
 local pause, ovi, lasts = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local back_off, recover = ARGV[13] == '1', ARGV[14] == '1'

@@ -4,6 +4,7 @@ adaptive factor, leases, fair share and the breaker. Keys carry a hash tag, as o
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -99,6 +100,10 @@ async def replay(prefix: str, config: dict[str, Any], script: list[tuple[Any, ..
                 held[f"{tenant}{at}{len(seen)}"] = (grants[0], grants[1])
                 if grants[0].admitted:
                     held["last"] = (grants[0], grants[1])
+            elif what == "drop":
+                for gate, grant in zip(gates, held["last"], strict=True):
+                    gate.abandon(grant)
+                await asyncio.sleep(0.05)  # the release goes in the background
             else:
                 status, headers, code = rest
                 for gate, grant in zip(gates, held["last"], strict=True):
@@ -226,3 +231,16 @@ async def test_the_pause_check_agrees(prefix: str) -> None:
         assert memory == in_redis == 2000
     finally:
         await client.aclose()
+
+
+async def test_an_abandoned_probe_gives_its_turn_back_in_both(prefix: str) -> None:
+    config = {"circuitBreaker": {"failures": 1, "coolDownMs": 1000}}
+    script = [
+        (0, "t", "ask"),
+        (0, "t", "tell", None, None, "TIMEOUT"),
+        (1000, "t", "ask"),
+        (1000, "t", "drop"),
+        (1001, "t", "ask"),
+    ]
+    seen = await replay(prefix, config, script)
+    assert seen[1][0] is True and seen[2][0] is True

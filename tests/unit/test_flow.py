@@ -3,6 +3,7 @@ breaker's states, and the in-memory store on an injected clock. No sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from email.utils import formatdate
@@ -467,3 +468,18 @@ def test_flow_stats_are_exported_per_connection_and_reason() -> None:
         ({"workflow.connection": "crm", "workflow.flow.adaptation": "pause"}, 1)
     ]
     assert found["workflow.flow.breaker.state"] == [({"workflow.connection": "desk"}, 2)]
+
+
+async def test_given_a_probe_that_is_abandoned_then_the_next_request_may_probe_at_once() -> None:
+    clock = Clock()
+    flow = Flow(MemoryStore(clock.now_ms), Keys("bull", "q"), now_ms=clock.now_ms)
+    gate = gate_of(flow, circuitBreaker={"failures": 1, "coolDownMs": 1000})
+    grant = await gate.acquire(reserve_ms=0, lease_ms=30_000)
+    await gate.settle(grant, status=None, headers=None, error_code="TIMEOUT")
+    clock.now += 1000
+    probe = await gate.acquire(reserve_ms=0, lease_ms=30_000)
+    assert probe.probe
+    gate.abandon(probe)
+    await asyncio.sleep(0)
+    again = await gate.acquire(reserve_ms=0, lease_ms=30_000)
+    assert again.admitted and again.probe
