@@ -275,3 +275,94 @@ def _served(api: TenantLog, n: int) -> Any:
         return len(api.order) >= n
 
     return check
+
+
+class SlowApi:
+    """Answers after ``delay_s``; counts requests in flight and their peak."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.in_flight = 0
+        self.peak = 0
+        self.served = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
+        self.served += 1
+        return web.json_response({"id": "x"})
+
+
+async def test_two_runners_share_one_max_concurrency(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given an API that takes 200 ms, a connection allowing 3 requests in flight, two runners
+    # of 20 slots each
+    api = SlowApi(0.2)
+    base = await serve(api.app())
+    await two_runners(runner_process)
+    version = one_step_version(base, {"maxConcurrency": 3})
+
+    # When 15 runs go at once
+    await run_all(redis, clean_queue, version, 15)
+
+    # Then all complete and never more than 3 requests were in flight, across both runners
+    assert await redis.zcard(f"bull:{clean_queue}:completed") == 15
+    assert api.peak == 3
+    # and every lease was given back
+    assert await redis.zcard(f"bull:{clean_queue}:flow:c:leases") == 0
+
+
+async def test_a_killed_runners_leases_expire_and_the_other_runner_goes_on(
+    serve: Any, runner_process: Any, clean_queue: str, redis: aioredis.Redis
+) -> None:
+    # Given a connection allowing 1 request in flight, an API that hangs for 10 s, and the
+    # action's timeout of 1 s (so a lease lives 1 s + 5 s)
+    api = SlowApi(10.0)
+    base = await serve(api.app())
+    first = await runner_process(RUNNER_CONCURRENCY="5")
+    version = one_step_version(base, {"maxConcurrency": 1}, timeoutMs=1000)
+    await node_peer(
+        "add",
+        {
+            "queue": clean_queue,
+            "jobs": [{"data": job_data("run_0", version), "opts": {"jobId": "run_0"}}],
+        },
+    )
+    await wait_for(_served_slow(api, 1), 10, "the first request")
+    # When that runner is killed while it holds the only slot
+    first.proc.kill()
+    first.proc.wait()
+    api.delay_s = 0.0
+    killed_at = time.monotonic()
+    await runner_process(RUNNER_CONCURRENCY="5")
+    await node_peer(
+        "add",
+        {
+            "queue": clean_queue,
+            "jobs": [{"data": job_data("run_1", version), "opts": {"jobId": "run_1"}}],
+        },
+    )
+    # Then the other runner's run completes once the dead runner's lease expired
+    await wait_for(lambda: _job_completed(redis, clean_queue, "run_1"), 20, "run_1 to complete")
+    assert time.monotonic() - killed_at >= 3.0  # it had to wait for the lease
+
+
+def _served_slow(api: SlowApi, n: int) -> Any:
+    async def check() -> bool:
+        return api.in_flight >= n
+
+    return check
+
+
+async def _job_completed(redis: aioredis.Redis, queue: str, job_id: str) -> bool:
+    return await redis.zscore(f"bull:{queue}:completed", job_id) is not None
