@@ -26,6 +26,9 @@ from runner.definitions import DefinitionStore
 from runner.engine.pagination import PageLimits
 from runner.engine.ports import SystemClock
 from runner.engine.run import Engine
+from runner.flow.limits import Flow
+from runner.flow.policy import Defaults
+from runner.flow.redis_store import RedisStore
 from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
@@ -55,6 +58,7 @@ class Runtime:
     settings: Settings
     redis: aioredis.Redis
     status_connection: RespConnection
+    flow_connection: RespConnection
     session: aiohttp.ClientSession
     control_session: aiohttp.ClientSession
     execlog: ExecutionLog
@@ -79,6 +83,7 @@ class Runtime:
         await self.control_session.close()
         await self.redis.aclose()
         self.status_connection.close()
+        self.flow_connection.close()
 
 
 async def build(settings: Settings) -> Runtime:
@@ -160,6 +165,15 @@ async def build(settings: Settings) -> Runtime:
     cancels = CancelWatch(
         RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s), keys
     )
+    flow_connection = RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s)
+    flow = Flow(
+        RedisStore(flow_connection),
+        keys,
+        Defaults.parse(
+            settings.rate_limit, settings.max_concurrency_per_connection, settings.circuit_breaker
+        ),
+        now_ms=clock.now_ms,
+    )
     service = RunService(
         definitions=definitions,
         credentials=CredentialSource(control_plane=control_plane, key=key),
@@ -173,6 +187,7 @@ async def build(settings: Settings) -> Runtime:
                 max_bytes=max(1, settings.paginate_max_bytes),
                 checkpoint_bytes=settings.paginate_checkpoint_bytes,
             ),
+            flow=flow,
         ),
         sink=RedisStatusSink(
             status_connection,
@@ -192,11 +207,13 @@ async def build(settings: Settings) -> Runtime:
         secrets=secrets,
     )
     metrics = RunnerMetrics(tel, redis, queue_base=keys.base, concurrency=settings.concurrency)
+    tel.bind_flow(flow.stats)
     worker = QueueWorker(settings, metrics.wrap(service.handle))
     return Runtime(
         settings=settings,
         redis=redis,
         status_connection=status_connection,
+        flow_connection=flow_connection,
         session=session,
         control_session=control_session,
         execlog=execlog,

@@ -12,7 +12,7 @@ Decoders are built once here and reused; ``decode_*`` translate msgspec's errors
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -116,6 +116,37 @@ class Action(Wire, frozen=True):
     paginate: Paginate | None = None
 
 
+class RateLimit(Owned, frozen=True):
+    """At most ``requests`` per ``per_ms`` on average, up to ``burst`` of them back to back
+    (default 1: evenly spaced)."""
+
+    requests: Annotated[int, msgspec.Meta(ge=1)]
+    per_ms: Annotated[int, msgspec.Meta(ge=1)]
+    burst: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class TenantLimits(Owned, frozen=True):
+    """Limits of each tenant (``tenantId`` of the job data) on a shared connection. With
+    ``fair_share`` each tenant seen in the last ``active_window_ms`` gets at most an equal
+    share of the connection's rate, so one tenant's flood cannot starve the others."""
+
+    rate_limit: RateLimit | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    fair_share: bool = True
+    active_window_ms: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+
+
+class CircuitBreaker(Owned, frozen=True):
+    """Per base URL: ``failures`` consecutive connect errors, timeouts or 5xx within
+    ``window_ms`` open it for ``cool_down_ms``; then one probe request may close it. While
+    it is open a step waits (``WAIT``) or fails with ``CIRCUIT_OPEN`` (``FAIL``)."""
+
+    failures: Annotated[int, msgspec.Meta(ge=1)] = 5
+    window_ms: Annotated[int, msgspec.Meta(ge=1)] = 30_000
+    cool_down_ms: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    when_open: Literal["WAIT", "FAIL"] = "WAIT"
+
+
 class ConnectionConfig(Wire, frozen=True):
     base_url: str | None = None
     api_key_name: str | None = None
@@ -128,6 +159,11 @@ class ConnectionConfig(Wire, frozen=True):
     # Send W3C trace context (traceparent, tracestate) when tracing is on; false for an API
     # that rejects headers it does not know.
     propagate_trace: bool = True
+    # Flow control shared by every runner (runner.flow); absent means the runner's defaults.
+    rate_limit: RateLimit | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tenant_limits: TenantLimits | None = None
+    circuit_breaker: CircuitBreaker | None = None
 
 
 class Connection(Wire, frozen=True):
@@ -219,6 +255,16 @@ class StepEvent(msgspec.Struct, rename="camel", kw_only=True):
     output: Any = None
     error_code: str | None = None
     error_message: str | None = None
+
+
+class StepWaitEvent(StepEvent, kw_only=True):
+    """A RUNNING step that waits before its attempt: for budget (``rate``, ``tenant-rate``,
+    ``paused``, ``concurrency``, ``tenant-concurrency``) or for a circuit breaker
+    (``circuit-open``, ``circuit-probing``), until about ``waitUntil`` (epoch ms)."""
+
+    wait_reason: str
+    wait_until: int
+    deferred: bool = False
 
 
 # --- decoding ------------------------------------------------------------------------------

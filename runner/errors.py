@@ -15,6 +15,7 @@ One root for what a run reports; the code is data on the error, not a class per 
     ├── TransportError        TIMEOUT | CONNECTION_ERROR | RESPONSE_TOO_LARGE | EGRESS_DENIED
     ├── ResponseError         RESPONSE_INVALID          a 2xx body that cannot be used
     ├── PaginationLimit       PAGINATION_LIMIT          a cap reached under ``onLimit: FAIL``
+    ├── CircuitOpen           CIRCUIT_OPEN              the base URL's breaker is open (whenOpen FAIL)
     ├── WorkflowTimeout       WORKFLOW_TIMEOUT
     ├── Canceled              CANCELED
     └── HandBack              (runner.engine.run) a run stopped without ending: shutdown
@@ -65,6 +66,7 @@ class ErrorCode(StrEnum):
     RESPONSE_INVALID = "RESPONSE_INVALID"
     PAGINATION_LIMIT = "PAGINATION_LIMIT"
     EGRESS_DENIED = "EGRESS_DENIED"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
     WORKFLOW_TIMEOUT = "WORKFLOW_TIMEOUT"
     CANCELED = "CANCELED"
     INTERNAL = "INTERNAL"
@@ -162,6 +164,13 @@ class PaginationLimit(RunnerError):
     """A paginated step reached maxPages, maxItems or maxBytes with ``onLimit: FAIL``."""
 
     default_code = ErrorCode.PAGINATION_LIMIT
+
+
+class CircuitOpen(RunnerError):
+    """The circuit breaker of the step's base URL is open and its connection says
+    ``whenOpen: FAIL``: the step fails at once, without a request."""
+
+    default_code = ErrorCode.CIRCUIT_OPEN
 
 
 class WorkflowTimeout(RunnerError):

@@ -130,6 +130,21 @@ class Settings:
         1024 * 1024,
         "items of a paginated step kept in the checkpoint for a resume; past it, a resume refetches",
     )
+    rate_limit: str = _setting(
+        "RUNNER_RATE_LIMIT",
+        "",
+        "shared rate limit of every connection without config.rateLimit: requests/perMs[/burst]; empty means none",
+    )
+    max_concurrency_per_connection: int = _setting(
+        "RUNNER_MAX_CONCURRENCY_PER_CONNECTION",
+        0,
+        "requests in flight across all runners per connection without config.maxConcurrency; 0 means no cap",
+    )
+    circuit_breaker: str = _setting(
+        "RUNNER_CIRCUIT_BREAKER",
+        "",
+        "breaker of every base URL without config.circuitBreaker: failures/windowMs/coolDownMs[/WAIT or /FAIL]; empty means off",
+    )
     health_port: int = _setting(
         "RUNNER_HEALTH_PORT", 0, "serve /healthz, /readyz and /metrics on this port; 0 means off"
     )

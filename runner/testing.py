@@ -26,7 +26,14 @@ import msgspec
 
 from runner.contract import Connection
 from runner.engine.plan import Plan
-from runner.engine.ports import Clock, RunContext, StepResult, SystemClock, Transport
+from runner.engine.ports import (
+    Clock,
+    FlowControl,
+    RunContext,
+    StepResult,
+    SystemClock,
+    Transport,
+)
 from runner.engine.run import Engine, RunOutcome
 from runner.errors import RunnerError
 from runner.http.messages import HttpRequest, HttpResponse
@@ -220,6 +227,8 @@ def start_run(
     cancel: Callable[[], asyncio.Future[str]] | None = None,
     last_seq: int = 0,
     redact: Redact | None = None,
+    connections: dict[str, Connection] | None = None,
+    long_wait_ms: int = 30_000,
 ) -> RunSetup:
     """The reporter and context of one run of ``plan`` over in-memory sinks."""
     sink = MemoryStatusSink()
@@ -252,6 +261,8 @@ def start_run(
         deadline_ms=started + timeout_ms,
         restored=restored,
         cancel=cancel,
+        connections=dict(connections or {}),
+        long_wait_ms=long_wait_ms,
     )
     return RunSetup(run_id, reporter, ctx, sink, execlog)
 
@@ -262,11 +273,12 @@ def engine_run(
     clock: Clock,
     *,
     step_parallelism: int = 8,
+    flow: FlowControl | None = None,
     **setup: Any,
 ) -> tuple[Coroutine[Any, Any, RunOutcome], RunSetup]:
     """The engine's run of ``plan`` (not yet awaited) and its setup."""
     run = start_run(plan, clock, **setup)
-    engine = Engine(transport, clock, step_parallelism=step_parallelism)
+    engine = Engine(transport, clock, step_parallelism=step_parallelism, flow=flow)
     return engine.run(plan, run.ctx, run.reporter), run
 
 

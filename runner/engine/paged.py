@@ -32,7 +32,7 @@ from runner.engine.pagination import (
     request_for,
 )
 from runner.engine.plan import StepPlan
-from runner.engine.ports import Clock, Reporter, RunContext, StepResult, Transport
+from runner.engine.ports import Clock, FlowControl, Reporter, RunContext, StepResult, Transport
 from runner.engine.schemas import PlanSchemas
 from runner.engine.step import decoded_body_async, idempotency_key, run_attempts
 from runner.errors import RunnerError
@@ -59,6 +59,7 @@ async def run_pages(
     span: StepSpan | None = None,
     first_attempt: int = 1,
     restored: SavedPages | None = None,
+    flow: FlowControl | None = None,
 ) -> dict[str, Any]:
     spec = sp.paginate
     assert spec is not None
@@ -92,6 +93,7 @@ async def run_pages(
                 first_attempt=attempt,
                 shape=_page_of,
                 announce=announce,
+                flow=flow,
             )
             attempts = progress.attempts + result.attempts
             step = advance(spec, limits, progress, page, page_request, origin)

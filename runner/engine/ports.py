@@ -7,7 +7,7 @@ plugs real implementations in, tests plug in-memory ones.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -54,6 +54,69 @@ class Transport(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The flow control's answer before an attempt. Admitted: the attempt may start after
+    ``wait_ms`` (its place is reserved). Not admitted: ask again after ``wait_ms`` (-1: soon,
+    a slot held by others must free up first). ``reason`` says what was waited for: ``rate``,
+    ``tenant-rate``, ``paused``, ``concurrency``, ``tenant-concurrency``, ``circuit-open``,
+    ``circuit-probing``."""
+
+    admitted: bool
+    wait_ms: int
+    reason: str
+    probe: bool = False
+    # The flow control's own bookkeeping (a lease, what it read), opaque to the engine.
+    token: Any = None
+
+
+class FlowGate(Protocol):
+    """Flow control of one step's requests: a connection (and tenant) and a base URL."""
+
+    @property
+    def fail_fast(self) -> bool:
+        """While the circuit breaker is open, fail the step (``CIRCUIT_OPEN``) at once."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """What is limited, for messages, spans and metrics: the connection's id."""
+        ...
+
+    async def acquire(self, *, reserve_ms: int, lease_ms: int) -> Grant: ...
+
+    async def settle(
+        self,
+        grant: Grant,
+        *,
+        status: int | None,
+        headers: Mapping[str, str] | None,
+        error_code: str | None,
+    ) -> None:
+        """The attempt's outcome: release its lease, teach the budget what the API said,
+        count a failure for the breaker. Never raises."""
+        ...
+
+    async def paused_ms(self) -> int:
+        """How long an API's pause of the budget still lasts (0: none): asked after sleeping
+        until a reserved place, since the API may have said "none left" meanwhile."""
+        ...
+
+    def abandon(self, grant: Grant) -> None:
+        """The attempt was interrupted: release its lease in the background."""
+        ...
+
+
+class FlowControl(Protocol):
+    def gate(self, connection: Connection, tenant_id: str, base_url: str) -> FlowGate | None:
+        """The gate of a step's requests; None when nothing limits them (no round trip)."""
+        ...
+
+    def waited(self, gate: FlowGate, reason: str, wait_ms: int) -> None:
+        """Count time spent waiting (metrics)."""
+        ...
+
+
 @dataclass(slots=True)
 class StepResult:
     key: str
@@ -89,12 +152,21 @@ class Attempt:
     error: RunnerError | None = None
     decision: RetryDecision | None = None
     possible_duplicate: bool = False
+    # The response's headers (lower-case names), for the flow control to read.
+    headers: Mapping[str, str] | None = None
 
 
 class Reporter(Protocol):
     async def run_started(self, started_ms: int) -> None: ...
     async def step_running(self, key: str, attempt: int, started_ms: int) -> None: ...
     async def attempt_done(self, attempt: Attempt) -> None: ...
+    async def step_waiting(
+        self, key: str, attempt: int, started_ms: int, reason: str, wait_ms: int, deferred: bool
+    ) -> None:
+        """The step waits ``wait_ms`` before its attempt, for ``reason`` (``Grant.reason``);
+        ``deferred``: the job goes back to the queue meanwhile."""
+        ...
+
     async def step_done(self, result: StepResult, attempt: int) -> None: ...
     async def page_done(
         self, key: str, progress: Progress, items: list[Any], *, save_within: int | None

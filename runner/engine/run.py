@@ -34,6 +34,7 @@ from runner.engine.plan import Plan, StepPlan
 from runner.engine.ports import (
     Clock,
     Deferral,
+    FlowControl,
     Reporter,
     RunContext,
     RunStatus,
@@ -110,11 +111,13 @@ class Engine:
         *,
         step_parallelism: int = 8,
         page_limits: PageLimits | None = None,
+        flow: FlowControl | None = None,
     ) -> None:
         self.transport = transport
         self.clock = clock
         self.step_parallelism = max(1, step_parallelism)
         self.page_limits = page_limits or PageLimits()
+        self.flow = flow
 
     async def run(self, plan: Plan, ctx: RunContext, reporter: Reporter) -> RunOutcome:
         results = dict(ctx.restored)
@@ -304,6 +307,7 @@ class Engine:
                     span=span,
                     first_attempt=ctx.resume_attempts.get(sp.key, 1),
                     restored=ctx.restored_pages.get(sp.key),
+                    flow=self.flow,
                 )
             else:
                 res.output = await run_attempts(
@@ -317,6 +321,7 @@ class Engine:
                     schemas=state.plan.schemas,
                     span=span,
                     first_attempt=ctx.resume_attempts.get(sp.key, 1),
+                    flow=self.flow,
                 )
             res.status = "SUCCESS"
         except Deferral as deferral:

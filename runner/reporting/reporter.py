@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from runner.contract import RunEvent, StepEvent
+from runner.contract import RunEvent, StepEvent, StepWaitEvent
 from runner.engine.pagination import Progress
 from runner.engine.ports import Attempt, RunStatus, StepResult
 from runner.errors import RunnerError
@@ -156,6 +156,37 @@ class RunReporter:
             self._step_event(key, "RUNNING", attempt, started_ms=started_ms),
             None,
             lines=(f"{key} RUNNING attempt {attempt}",),
+        )
+
+    async def step_waiting(
+        self, key: str, attempt: int, started_ms: int, reason: str, wait_ms: int, deferred: bool
+    ) -> None:
+        now = self.now_ms()
+        event = StepWaitEvent(
+            seq=self._next(),
+            workflow_run_id=self.run_id,
+            tenant_id=self.tenant_id,
+            workflow_version_id=self.version_id,
+            job_id=self.job_id,
+            step_key=key,
+            step_run_id=f"{self.run_id}:{key}",
+            status="RUNNING",
+            attempt=attempt,
+            at=now,
+            started_at=started_ms,
+            wait_reason=reason,
+            wait_until=now + wait_ms,
+            deferred=deferred,
+        )
+        how = "handed back to the queue" if deferred else "waiting"
+        text = f"{key} attempt {attempt} {how} {wait_ms} ms for {_WAIT_WORDS.get(reason, reason)}"
+        await self._publish(event, None, lines=(text,))
+        self._exec(
+            "info",
+            "waiting for flow control",
+            {"reason": reason, "waitMs": wait_ms, "deferred": deferred},
+            step_key=key,
+            attempt=attempt,
         )
 
     async def attempt_done(self, attempt: Attempt) -> None:
@@ -507,6 +538,16 @@ class RunReporter:
             self.redact.scrubbed,
         )
 
+
+_WAIT_WORDS = {
+    "rate": "the connection's rate limit",
+    "tenant-rate": "the tenant's rate limit on the connection",
+    "paused": "the API's budget to reset (it said so)",
+    "concurrency": "a free slot of the connection's maxConcurrency",
+    "tenant-concurrency": "a free slot of the tenant's maxConcurrency",
+    "circuit-open": "the circuit breaker of the base URL to cool down",
+    "circuit-probing": "the circuit breaker's probe request",
+}
 
 _MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
 

@@ -105,6 +105,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="profile the runner on W3 instead of measuring (callgrind: instructions per run, "
         "about 50 times slower, so use --runs-w3 500)",
     )
+    p.add_argument(
+        "--flow",
+        action="store_true",
+        help="flow control against a rate-limited API instead (issue 23; bench_lib/flow.py)",
+    )
+    p.add_argument("--flow-runs", type=int, default=300, help="runs per flow mode (300)")
+    p.add_argument("--flow-rate", type=int, default=20, help="requests/s the API allows (20)")
+    p.add_argument("--flow-down-s", type=float, default=10.0, help="API down for (10 s)")
     p.add_argument("--json", type=Path, default=REPO / ".run" / "bench" / "latest.json")
     a = p.parse_args(argv)
     q = a.quick
@@ -254,6 +262,15 @@ def main(argv: list[str]) -> int:
         )
         redis_url = "redis://127.0.0.1:6379/0"
     client = redis.Redis.from_url(redis_url)
+    if args.flow:
+        from bench_lib import flow
+
+        try:
+            return flow.run(REPO, python, redis_url, client, log_dir, args)
+        finally:
+            client.close()
+            if private is not None:
+                private.stop()
     api_key = secrets.token_hex(16) if args.auth == "api-key" else ""
     key_b64 = base64.b64encode(os.urandom(32)).decode() if args.auth == "api-key" else ""
     server, port = start_server("node", args.slow_ms, api_key)

@@ -363,3 +363,60 @@ def test_paginate_is_on_the_action_and_the_step_and_forbids_unknown_fields() -> 
     assert Action.__struct_fields__.count("paginate") == 1
     assert Step.__struct_fields__.count("paginate") == 1
     assert Paginate.__struct_config__.forbid_unknown_fields
+
+
+# --- flow control (docs/contract.md "Flow control") ----------------------------------------
+
+
+def _flow_section() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    return text[text.index("## Flow control") :]
+
+
+def test_the_documented_flow_control_config_decodes_as_documented() -> None:
+    section = _flow_section()
+    example = section[section.index("```json") + len("```json") : section.index("```\n", 10)]
+    config = json.loads("{" + example.strip() + "}")["config"]
+    version = {
+        **VERSION,
+        "connections": {"c": {"id": "c", "type": "NONE", "config": config}},
+    }
+    c = decode_workflow_version(version).connections["c"].config
+    assert c.rate_limit is not None
+    assert (c.rate_limit.requests, c.rate_limit.per_ms, c.rate_limit.burst) == (20, 1000, 5)
+    assert c.max_concurrency == 10
+    assert c.tenant_limits is not None and c.tenant_limits.max_concurrency == 2
+    assert c.tenant_limits.fair_share and c.tenant_limits.active_window_ms == 10_000
+    assert c.circuit_breaker is not None
+    assert (c.circuit_breaker.failures, c.circuit_breaker.cool_down_ms) == (5, 10_000)
+    assert c.circuit_breaker.when_open == "WAIT"
+
+
+def test_the_documented_defaults_and_error_code_are_the_code_s() -> None:
+    from runner.contract import CircuitBreaker, RateLimit, TenantLimits
+
+    section = _flow_section()
+    assert RateLimit(requests=1, per_ms=1).burst == 1
+    assert TenantLimits().fair_share is True
+    assert "`CIRCUIT_OPEN`" in section and ErrorCode.CIRCUIT_OPEN == "CIRCUIT_OPEN"
+    assert CircuitBreaker().when_open == "WAIT"
+    for reason in ("rate", "tenant-rate", "paused", "concurrency", "circuit-open"):
+        assert f"`{reason}`" in section
+    message = '$.connections["c"].config.rateLimit.requests: expected int >= 1'
+    assert message in section
+    with pytest.raises(DefinitionError) as info:
+        decode_workflow_version(
+            {
+                **VERSION,
+                "connections": {
+                    "c": {
+                        "id": "c",
+                        "type": "NONE",
+                        "config": {"rateLimit": {"requests": 0, "perMs": 1}},
+                    }
+                },
+            }
+        )
+    assert info.value.message == message
