@@ -23,8 +23,12 @@ from runner import expressions, jsonlimits, telemetry
 from runner.controlplane import ControlPlane
 from runner.credentials import CredentialSource, parse_key
 from runner.definitions import DefinitionStore
+from runner.engine.pagination import PageLimits
 from runner.engine.ports import SystemClock
 from runner.engine.run import Engine
+from runner.flow.limits import Flow
+from runner.flow.policy import Defaults
+from runner.flow.redis_store import RedisStore
 from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
@@ -32,10 +36,11 @@ from runner.log import log
 from runner.looplag import LoopLag
 from runner.metrics import RunnerMetrics
 from runner.queue import packing
+from runner.queue.burst import until_drained
 from runner.queue.cancel import CancelWatch
 from runner.queue.keys import Keys
 from runner.queue.worker import QueueWorker
-from runner.redact import SECRETS
+from runner.redact import SecretRegistry
 from runner.redis_connect import RedisSetupError, preflight
 from runner.redis_connect import client as redis_client
 from runner.reporting.execlog import ExecutionLog, MongoExecutionLog
@@ -53,6 +58,7 @@ class Runtime:
     settings: Settings
     redis: aioredis.Redis
     status_connection: RespConnection
+    flow_connection: RespConnection
     session: aiohttp.ClientSession
     control_session: aiohttp.ClientSession
     execlog: ExecutionLog
@@ -77,6 +83,7 @@ class Runtime:
         await self.control_session.close()
         await self.redis.aclose()
         self.status_connection.close()
+        self.flow_connection.close()
 
 
 async def build(settings: Settings) -> Runtime:
@@ -91,11 +98,13 @@ async def build(settings: Settings) -> Runtime:
     process_secrets = tuple(
         v for v in (settings.control_plane_token, settings.credentials_key) if v
     )
+    # The one registry of secrets in flight in this process, handed to everything that writes out.
+    secrets = SecretRegistry()
     if process_secrets:
-        SECRETS.register(process_secrets)
+        secrets.register(process_secrets)
     log.configure(
         level=settings.log_level,
-        scrub=lambda line: SECRETS.redactor().text(line),
+        scrub=lambda line: secrets.redactor().text(line),
         worker=settings.name,
     )
     packing.install()
@@ -127,6 +136,7 @@ async def build(settings: Settings) -> Runtime:
         on_warning=lambda message, context: log.warning(
             "oauth2.warning", detail=message, **context
         ),
+        secrets_registry=secrets,
     )
     transport = HttpTransport(
         session,
@@ -142,13 +152,13 @@ async def build(settings: Settings) -> Runtime:
         execlog = MongoExecutionLog(
             settings.mongodb_url,
             retention_s=settings.execution_log_retention_s,
-            redact=lambda value: SECRETS.redactor().scrubbed(value),
+            redact=lambda value: secrets.redactor().scrubbed(value),
             on_warning=lambda message, context: log.warning(
                 "execlog.warning", detail=message, **context
             ),
         )
     else:
-        execlog = StdoutExecutionLog(redact=lambda value: SECRETS.redactor().scrubbed(value))
+        execlog = StdoutExecutionLog(redact=lambda value: secrets.redactor().scrubbed(value))
     definitions = DefinitionStore(control_plane, cache_size=settings.definition_cache_size)
     tel = telemetry.from_env(
         os.environ,
@@ -159,10 +169,30 @@ async def build(settings: Settings) -> Runtime:
     cancels = CancelWatch(
         RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s), keys
     )
+    flow_connection = RespConnection(settings.redis_url, timeout_s=settings.redis_socket_timeout_s)
+    flow = Flow(
+        RedisStore(flow_connection),
+        keys,
+        Defaults.parse(
+            settings.rate_limit, settings.max_concurrency_per_connection, settings.circuit_breaker
+        ),
+        now_ms=clock.now_ms,
+    )
     service = RunService(
         definitions=definitions,
         credentials=CredentialSource(control_plane=control_plane, key=key),
-        engine=Engine(transport, clock, step_parallelism=settings.step_parallelism),
+        engine=Engine(
+            transport,
+            clock,
+            step_parallelism=settings.step_parallelism,
+            page_limits=PageLimits(
+                max_pages=max(1, settings.paginate_max_pages),
+                max_items=max(1, settings.paginate_max_items),
+                max_bytes=max(1, settings.paginate_max_bytes),
+                checkpoint_bytes=settings.paginate_checkpoint_bytes,
+            ),
+            flow=flow,
+        ),
         sink=RedisStatusSink(
             status_connection,
             stream=settings.stream_key,
@@ -172,8 +202,6 @@ async def build(settings: Settings) -> Runtime:
         ),
         execlog=execlog,
         clock=clock,
-        redis=redis,
-        keys=keys,
         cancels=cancels,
         worker_id=settings.name,
         max_job_bytes=settings.max_job_bytes,
@@ -181,13 +209,16 @@ async def build(settings: Settings) -> Runtime:
         max_foreach_items=settings.max_foreach_items,
         process_secrets=process_secrets,
         telemetry=tel,
+        secrets=secrets,
     )
     metrics = RunnerMetrics(tel, redis, queue_base=keys.base, concurrency=settings.concurrency)
+    tel.bind_flow(flow.stats)
     worker = QueueWorker(settings, metrics.wrap(service.handle))
     return Runtime(
         settings=settings,
         redis=redis,
         status_connection=status_connection,
+        flow_connection=flow_connection,
         session=session,
         control_session=control_session,
         execlog=execlog,
@@ -261,15 +292,23 @@ async def serve(settings: Settings) -> int:
         health = await serve_health(settings.health_port, runtime)
     died = asyncio.ensure_future(runtime.worker.loop_died.wait())
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({died, stopping}, return_when="FIRST_COMPLETED")
+    waits: set[asyncio.Future[Any]] = {died, stopping}
+    if settings.burst:
+        keys = Keys(settings.queue_prefix, settings.queue)
+        drained = asyncio.ensure_future(until_drained(runtime.redis, keys))
+        waits.add(drained)
+    await asyncio.wait(waits, return_when="FIRST_COMPLETED")
     code = 1 if died.done() and not stop.is_set() else 0
-    log.info("runner.stopping", reason="worker loop died" if code else "signal")
+    reason = "worker loop died" if code else "signal"
+    if settings.burst and drained.done() and not stop.is_set():
+        reason = "burst: queue drained"
+    log.info("runner.stopping", reason=reason)
     await runtime.worker.close(
         settings.shutdown_grace_s, lambda: runtime.service.hand_back_all("worker shutting down")
     )
     if health is not None:
         await health.cleanup()
-    for task in (died, stopping):
+    for task in waits:
         task.cancel()
     with contextlib.suppress(Exception):
         await runtime.close()

@@ -12,7 +12,7 @@ Decoders are built once here and reused; ``decode_*`` translate msgspec's errors
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -51,6 +51,34 @@ class RetryOverride(Owned, frozen=True):
     max_delay_ms: int | None = None
 
 
+# --- pagination (docs/contract.md "Pagination") ----------------------------------------------
+
+PaginateMode = Literal["cursor", "nextUrl", "offset", "page", "none"]
+
+
+class Paginate(Owned, frozen=True):
+    """How an Action's response continues on further pages. On an Action, and on a step, whose
+    fields override the Action's one by one (``mode: "none"`` turns it off). Every field is
+    optional here; ``runner.engine.pagination.compile_paginate`` checks the merged whole."""
+
+    mode: PaginateMode | None = None
+    items: str | None = None  # JSONPath over a page's body; default "$[*]"
+    cursor_path: str | None = None  # cursor: JSONPath of the next cursor in the body
+    cursor_param: str | None = None  # cursor: the query parameter it goes in ("cursor")
+    next_url_path: str | None = None  # nextUrl: JSONPath of the next URL; absent: Link rel=next
+    offset_param: str | None = None  # offset: "offset"
+    page_param: str | None = None  # page: "page"
+    start: int | None = None  # offset: first offset (0); page: first page number (1)
+    limit: int | None = None  # page size, sent as limitParam; required for offset
+    limit_param: str | None = None  # "limit"
+    stop_path: str | None = None  # stop after a page where this is truthy
+    has_more_path: str | None = None  # stop after a page where this is falsy or missing
+    max_pages: int | None = None
+    max_items: int | None = None
+    max_bytes: int | None = None
+    on_limit: Literal["TRUNCATE", "FAIL"] | None = None
+
+
 class Step(Owned, frozen=True):
     key: str
     action_id: str
@@ -67,6 +95,7 @@ class Step(Owned, frozen=True):
     for_each: str | None = None
     max_parallel: int = 1
     on_item_error: Literal["fail", "continue"] = "fail"
+    paginate: Paginate | None = None
 
 
 class Graph(Owned, frozen=True):
@@ -89,6 +118,38 @@ class Action(Wire, frozen=True):
     max_delay_ms: int = 30_000
     timeout_ms: int = 30_000
     idempotency_header: str | None = None
+    paginate: Paginate | None = None
+
+
+class RateLimit(Owned, frozen=True):
+    """At most ``requests`` per ``per_ms`` on average, up to ``burst`` of them back to back
+    (default 1: evenly spaced)."""
+
+    requests: Annotated[int, msgspec.Meta(ge=1)]
+    per_ms: Annotated[int, msgspec.Meta(ge=1)]
+    burst: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class TenantLimits(Owned, frozen=True):
+    """Limits of each tenant (``tenantId`` of the job data) on a shared connection. With
+    ``fair_share`` each tenant seen in the last ``active_window_ms`` gets at most an equal
+    share of the connection's rate, so one tenant's flood cannot starve the others."""
+
+    rate_limit: RateLimit | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    fair_share: bool = True
+    active_window_ms: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+
+
+class CircuitBreaker(Owned, frozen=True):
+    """Per base URL: ``failures`` consecutive connect errors, timeouts or 5xx within
+    ``window_ms`` open it for ``cool_down_ms``; then one probe request may close it. While
+    it is open a step waits (``WAIT``) or fails with ``CIRCUIT_OPEN`` (``FAIL``)."""
+
+    failures: Annotated[int, msgspec.Meta(ge=1)] = 5
+    window_ms: Annotated[int, msgspec.Meta(ge=1)] = 30_000
+    cool_down_ms: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    when_open: Literal["WAIT", "FAIL"] = "WAIT"
 
 
 class ConnectionConfig(Wire, frozen=True):
@@ -103,6 +164,11 @@ class ConnectionConfig(Wire, frozen=True):
     # Send W3C trace context (traceparent, tracestate) when tracing is on; false for an API
     # that rejects headers it does not know.
     propagate_trace: bool = True
+    # Flow control shared by every runner (runner.flow); absent means the runner's defaults.
+    rate_limit: RateLimit | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tenant_limits: TenantLimits | None = None
+    circuit_breaker: CircuitBreaker | None = None
 
 
 class Connection(Wire, frozen=True):
@@ -201,6 +267,16 @@ class MapStepEvent(StepEvent, kw_only=True):
     (``{"total", "succeeded", "failed"}``); there is no event per item."""
 
     items: dict[str, int]
+
+
+class StepWaitEvent(StepEvent, kw_only=True):
+    """A RUNNING step that waits before its attempt: for budget (``rate``, ``tenant-rate``,
+    ``paused``, ``concurrency``, ``tenant-concurrency``) or for a circuit breaker
+    (``circuit-open``, ``circuit-probing``), until about ``waitUntil`` (epoch ms)."""
+
+    wait_reason: str
+    wait_until: int
+    deferred: bool = False
 
 
 # --- decoding ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ uvloop gives every ``call_at`` a libuv timer of its own, allocated, started, sto
 again: with the rest of ``asyncio.timeout`` that is about 4.8 µs a use, and the runner bounds
 every HTTP attempt and every Redis round trip. Here each event loop keeps one heap of deadlines
 and one timer, armed no later than the earliest deadline still pending; a use is a heap push on
-entry and a mark on exit, about 1.7 µs (``docs/performance.md``).
+entry and a mark on exit, about 1.7 µs (``docs/dev/performance-notebook.md``).
 
 Behaviour is ``asyncio.timeout``'s: when the deadline passes the task is cancelled, and at the
 block's exit that ``CancelledError`` becomes ``TimeoutError``, unless the task was cancelled

@@ -1,6 +1,6 @@
-"""Every error the runner reports, with its wire ``errorCode``.
+"""Every error the runner reports, with its wire ``errorCode``, and the signals around them.
 
-One root, and the code is data on the error, not a class per code::
+One root for what a run reports; the code is data on the error, not a class per code::
 
     RunnerError(code, message, *, retryable=False, retry_after_s=None, status=None)
     ├── PayloadError          INVALID_PAYLOAD          job data does not decode
@@ -10,14 +10,37 @@ One root, and the code is data on the error, not a class per code::
     ├── TemplateError         TEMPLATE_ERROR            found before the request is sent
     ├── SchemaError           SCHEMA_VALIDATION | INVALID_INPUT
     ├── AuthError             AUTH_FAILED
+    │   └── TokenRejected     (runner.http.oauth2.grant) the token endpoint refused: not retryable
     ├── StepHTTPError         HTTP_ERROR                carries ``status``
     ├── TransportError        TIMEOUT | CONNECTION_ERROR | RESPONSE_TOO_LARGE | EGRESS_DENIED
     ├── ResponseError         RESPONSE_INVALID          a 2xx body that cannot be used
+    ├── PaginationLimit       PAGINATION_LIMIT          a cap reached under ``onLimit: FAIL``
+    ├── CircuitOpen           CIRCUIT_OPEN              the base URL's breaker is open (whenOpen FAIL)
     ├── WorkflowTimeout       WORKFLOW_TIMEOUT
-    └── Canceled              CANCELED
+    ├── Canceled              CANCELED
+    └── HandBack              (runner.engine.run) a run stopped without ending: shutdown
 
-Third-party exceptions (aiohttp, asyncio timeouts, redis) are translated in exactly one place
-per boundary (``runner.http.client``); everything inward sees only these. ``str(error)`` is
+Signals that end an attempt without a reported error (never an ``errorCode``)::
+
+    Exception
+    ├── RetryLater            a retryable RunnerError with job attempts left: BullMQ retries
+    ├── Deferral              (runner.engine.ports) the next attempt is far away: job to delayed
+    ├── ItemFailed            (runner.engine.map) a forEach item failed under onItemError fail
+    └── ScriptError           (runner.queue.finish) Redis refused a BullMQ script call
+
+``INTERNAL`` is what the job boundary (``runner.queue.worker``) reports for anything else that
+reaches it: a bug, logged with its message and a redacted traceback.
+
+Module-local exceptions (``jsonlimits.JsonLimitError``, ``engine.schemas.PatternRefused``,
+``resp.Redirected``, ``redis_connect.RedisSetupError``, ``expressions.ExpressionError`` and its
+``expressions._OverBudget``) never leave their caller: each is turned
+into one of the above, or into a start-up message, where it is caught.
+
+Third-party exceptions are translated at one place per boundary, and everything inward sees
+only these: HTTP to the APIs in ``runner.http.client``; the token endpoint in
+``runner.http.oauth2.grant``; the control plane in ``runner.controlplane``; job data and
+definitions (msgspec) in ``runner.contract``; a response body in ``runner.engine.step``; Redis
+for OAuth2 coordination in ``runner.http.oauth2.manager`` and ``.coordination``. ``str(error)`` is
 ``"<code>: <message>"`` and must never hold a secret: messages are built from names and
 locations, and every message still passes through ``runner.redact`` before it leaves.
 """
@@ -43,7 +66,9 @@ class ErrorCode(StrEnum):
     CONNECTION_ERROR = "CONNECTION_ERROR"
     RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
     RESPONSE_INVALID = "RESPONSE_INVALID"
+    PAGINATION_LIMIT = "PAGINATION_LIMIT"
     EGRESS_DENIED = "EGRESS_DENIED"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
     WORKFLOW_TIMEOUT = "WORKFLOW_TIMEOUT"
     CANCELED = "CANCELED"
     INTERNAL = "INTERNAL"
@@ -135,6 +160,19 @@ class ResponseError(RunnerError):
     nests deeper than ``RUNNER_MAX_JSON_DEPTH``, or an ``extract`` path fails on it."""
 
     default_code = ErrorCode.RESPONSE_INVALID
+
+
+class PaginationLimit(RunnerError):
+    """A paginated step reached maxPages, maxItems or maxBytes with ``onLimit: FAIL``."""
+
+    default_code = ErrorCode.PAGINATION_LIMIT
+
+
+class CircuitOpen(RunnerError):
+    """The circuit breaker of the step's base URL is open and its connection says
+    ``whenOpen: FAIL``: the step fails at once, without a request."""
+
+    default_code = ErrorCode.CIRCUIT_OPEN
 
 
 class WorkflowTimeout(RunnerError):

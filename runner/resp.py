@@ -5,7 +5,7 @@ what many runs ask for meanwhile in one round trip.
 The status writer sends one ``MULTI``/``EXEC`` of some hundred commands per round trip, and
 completions of many jobs go out together. Through redis-py's pipeline each command went through
 its encoder and packer, and each reply was read under its own timeout: a quarter of the
-runner's CPU on a three-step workflow (``docs/performance.md``). ``RespConnection`` does only
+runner's CPU on a three-step workflow (``docs/dev/performance-notebook.md``). ``RespConnection`` does only
 what batches need: write one buffer, read as many replies, all within one timeout. After any
 failure it closes; the next call connects again.
 
@@ -65,7 +65,7 @@ def packed_head(total: int, *head: Arg) -> bytes:
     append the rest with ``bulk`` to make the command. For a command sent many times with the
     same first arguments (the status stream's ``XADD``, a run's script calls): packing those
     once halved what the status sink spends on a transition (4.2 to 1.9 µs, commands and
-    packing; ``docs/performance.md``)."""
+    packing; ``docs/dev/performance-notebook.md``)."""
     if total < len(head):
         raise ValueError(f"a command of {total} arguments cannot start with {len(head)}")
     # hiredis's stub types the argument as a one-element tuple; it takes any length.

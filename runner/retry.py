@@ -20,7 +20,7 @@ Is a failed attempt retried? (``is_retryable``; the first row that matches wins)
       (408, 425, 429, 500, 502, 503, 504)
  5    anything else: another status, ``TEMPLATE_ERROR``,         no: fails at once
       ``SCHEMA_VALIDATION``, ``EGRESS_DENIED``, ``AUTH_FAILED``,
-      ``RESPONSE_TOO_LARGE``, ...
+      ``RESPONSE_TOO_LARGE``, ``CIRCUIT_OPEN``, ...
 ====  =========================================================  ========================
 
 Row 1 exists because those codes end the run, not the attempt: no flag may revive it.

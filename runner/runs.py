@@ -6,11 +6,19 @@ credentials, hands the run to the engine, and sorts the outcome into what BullMQ
 - SUCCESS: the returnvalue, a small summary (CONTRACT §6);
 - FAILED or CANCELED by the run's own logic: ``UnrecoverableError("<code>: <message>")``, so
   BullMQ does not run it again;
-- an infrastructure failure (the control plane or Redis unreachable) with job attempts left: a
-  plain exception, so BullMQ retries the job; the checkpoint makes the retry resume.
+- an infrastructure failure (the control plane or Redis unreachable) or an internal error with
+  job attempts left: a plain exception, so BullMQ retries the job; the checkpoint makes the
+  retry resume, and no terminal event is written;
+- the same on the job's last attempt: the run is reported FAILED with that code and the job
+  fails with ``UnrecoverableError("<code>: <message>")``.
 
-Bad job data fails at once with ``INVALID_PAYLOAD`` and the JSON path. Every message that
-leaves passes through the run's redactor.
+Every ending is reported, by construction: the run's terminal event is held by its reporter
+(``hold_end``) and written in one place, ``_ended``, once the boundary knows how the job ends
+in BullMQ. Whatever layer failed (plan, credentials, engine, reporting, the bookkeeping after
+the run), a job that ends failed has a terminal event on the status stream; a job that is
+retried or handed back has none. Bad job data fails at once with ``INVALID_PAYLOAD`` and the
+JSON path: it names no run, so nothing was reported RUNNING and nothing is reported. Every
+message that leaves passes through the run's redactor.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
 from runner.contract import JOB_DATA_NOT_TEXT, JOB_NAME, Connection, JobData, decode_job_data
@@ -30,15 +37,15 @@ from runner.engine.plan import Plan
 from runner.engine.ports import Clock, RunContext, StepResult
 from runner.engine.run import Engine, RunOutcome
 from runner.engine.schemas import check_input
-from runner.errors import PayloadError, RetryLater, RunnerError
+from runner.errors import ErrorCode, PayloadError, RetryLater, RunnerError
 from runner.http.auth import secret_values, sensitive_names
 from runner.log import log
 from runner.queue.cancel import CancelWatch
-from runner.queue.keys import Keys
-from runner.redact import SECRETS, LayeredRedactor, Redactor
+from runner.redact import LayeredRedactor, Redactor, SecretRegistry
 from runner.reporting.checkpoint import Checkpoint, parse_checkpoint
 from runner.reporting.execlog import ExecutionLog
-from runner.reporting.status import RunReporter, StatusSink
+from runner.reporting.reporter import RunReporter, StatusSink
+from runner.reporting.stream import Transition
 from runner.telemetry import NOOP, RunSpan, Telemetry
 
 _encode = msgspec.json.Encoder().encode
@@ -52,8 +59,6 @@ class RunService:
     sink: StatusSink
     execlog: ExecutionLog
     clock: Clock
-    redis: aioredis.Redis
-    keys: Keys
     cancels: CancelWatch
     worker_id: str
     max_job_bytes: int
@@ -61,6 +66,8 @@ class RunService:
     max_foreach_items: int = 10_000
     process_secrets: tuple[str, ...] = ()
     telemetry: Telemetry = NOOP
+    # The process's registry of secrets in flight (one per process, from the composition root).
+    secrets: SecretRegistry = field(default_factory=SecretRegistry)
     _hand_backs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
     _no_secrets: Redactor | None = None
 
@@ -83,6 +90,34 @@ class RunService:
     async def handle(self, job: Any, token: str) -> dict[str, Any]:
         data = self.decode(job)
         run_id = run_identity(job, data)
+        run = _Delivery(self._base_redactor())
+        own_end: Exception | None = None
+        result: dict[str, Any] = {}
+        try:
+            result = await self._deliver(job, token, data, run_id, run)
+        except (DelayedError, asyncio.CancelledError):
+            # A hand-back (the run continues on a later delivery), or this task cancelled (a
+            # forced shutdown: the job is left for the stalled check): no ending.
+            raise
+        except UnrecoverableError as ended:  # the run ended FAILED or CANCELED (_settle)
+            own_end = ended
+        except Exception as err:  # an error from any layer
+            raise await self._ended(job, data, run_id, run, err) from None
+        try:
+            if run.reporter is not None:
+                await run.reporter.write_end()
+        except Exception as err:
+            raise await self._ended(job, data, run_id, run, err) from None
+        if own_end is not None:
+            try:
+                raise own_end
+            finally:
+                own_end = None  # this frame holding its own error would be a reference cycle
+        return result
+
+    async def _deliver(
+        self, job: Any, token: str, data: JobData, run_id: str, run: _Delivery
+    ) -> dict[str, Any]:
         opts = job.opts or {}
         started_ms = self.clock.now_ms()
         with self.telemetry.run_span(
@@ -93,24 +128,71 @@ class RunService:
             job_id=str(job.id),
             queue_wait_ms=self.clock.now_ms() - int(job.timestamp or 0),
         ) as span:
-            outcome, redactor = await self._run(job, data, run_id, span)
+            outcome = await self._run(job, data, run_id, span, run)
             if outcome.status != "DEFERRED":
                 span.end(outcome.status, str(outcome.error.code) if outcome.error else None)
                 _log_run_end(job, data, outcome, self.clock.now_ms() - started_ms)
         if outcome.status == "DEFERRED":
             await self._defer(job, token, run_id, outcome)
-        return self._settle(run_id, outcome, redactor)
+        return self._settle(run_id, outcome, run.redactor)
+
+    async def _ended(
+        self, job: Any, data: JobData, run_id: str, run: _Delivery, err: Exception
+    ) -> Exception:
+        """The one place a failed delivery is sorted: what to raise to BullMQ for ``err``, from
+        any layer. With job attempts left and an error worth retrying (infrastructure, or
+        internal), nothing is reported: the next delivery ends the run. Otherwise the run's
+        terminal event is FAILED with the code the job fails with, written here unless an
+        ending was written already. Never raises itself."""
+        record = _as_runner_error(err)
+        if not isinstance(err, RunnerError):
+            log.internal_error("job.internal_error", err, jobId=job.id, runId=run_id)
+        text = run.redactor.text(str(record))
+        # An internal error is retried as an infrastructure failure is (a worker bug or a
+        # Redis blip may not repeat); a run's own errors are not.
+        if (record.retryable or record.code == ErrorCode.INTERNAL) and _attempts_left(job):
+            if run.reporter is not None:
+                run.reporter.drop_end()
+            log.warning("run.retry_later", runId=run_id, error=text)
+            return RetryLater(text)
+        try:
+            reporter = run.reporter or await self._late_reporter(job, data, run_id, run)
+            if not reporter.ended:
+                # Whatever the run's own end said, the job fails with ``record``: so does the run.
+                reporter.drop_end()
+                if reporter.started_ms is None:
+                    await reporter.run_started(self.clock.now_ms())
+                await reporter.run_done("FAILED", record, {})
+                await reporter.write_end()
+        except Exception as report_err:
+            log.error(
+                "run.unreported",
+                runId=run_id,
+                jobId=job.id,
+                errorCode=str(record.code),
+                error=type(report_err).__name__,
+            )
+        return _unrecoverable(text)
+
+    async def _late_reporter(
+        self, job: Any, data: JobData, run_id: str, run: _Delivery
+    ) -> RunReporter:
+        """A reporter for a run that failed before its own was built (the checkpoint read)."""
+        raw_checkpoint, _ = await self.sink.run_state(run_id)
+        run.reporter = self._reporter(
+            job, data, run_id, run.redactor, parse_checkpoint(raw_checkpoint), total_steps=0
+        )
+        return run.reporter
 
     async def _run(
-        self, job: Any, data: JobData, run_id: str, span: RunSpan
-    ) -> tuple[RunOutcome, Redactor]:
+        self, job: Any, data: JobData, run_id: str, span: RunSpan, run: _Delivery
+    ) -> RunOutcome:
         """Load, resolve and run. A failure before the first step (definition, credentials,
-        input) is reported and returned as a FAILED outcome, unless it is an infrastructure
-        failure with job attempts left: then BullMQ retries the job."""
+        input) is raised, and the job boundary sorts it (``_ended``)."""
         raw_checkpoint, cancel_reason = await self.sink.run_state(run_id)
         checkpoint = parse_checkpoint(raw_checkpoint)
-        redactor = self._base_redactor()
-        reporter = self._reporter(job, data, run_id, redactor, checkpoint, total_steps=0)
+        reporter = self._reporter(job, data, run_id, run.redactor, checkpoint, total_steps=0)
+        run.reporter = reporter
         handle = None
         try:
             plan = await self.definitions.plan_for(data)
@@ -120,31 +202,19 @@ class RunService:
             connections = connections_for_run(plan, creds)
             secrets = secrets_for_run(plan, creds)
             values, names = _secret_material(connections.values(), creds.secrets.values())
-            handle = SECRETS.register(values, names, extra=self.process_secrets)
-            redactor = SECRETS.run_redactor(handle)
-            # OAuth2 refreshes mint secrets mid-run; they are known to SECRETS only.
+            handle = self.secrets.register(values, names, extra=self.process_secrets)
+            run.redactor = redactor = self.secrets.run_redactor(handle)
+            # OAuth2 refreshes mint secrets mid-run; they are known to the registry only.
             oauth2 = any(c.type == "OAUTH2" for c in connections.values())
-            reporter.redact = LayeredRedactor(redactor) if oauth2 else redactor
+            reporter.redact = LayeredRedactor(redactor, self.secrets) if oauth2 else redactor
             ctx = self._context(job, data, run_id, plan, checkpoint, connections, secrets)
             ctx.trace = span
             if cancel_reason is not None:
-                return (
-                    await self._canceled_before_start(plan, reporter, ctx, cancel_reason),
-                    redactor,
-                )
-            return await self._run_engine(plan, ctx, reporter), redactor
-        except RunnerError as caught:
-            err = caught.as_record()
-            if err.retryable and _attempts_left(job):
-                log.warning("run.retry_later", runId=run_id, error=redactor.text(str(err)))
-                raise RetryLater(redactor.text(str(err))) from None
-            if reporter.seq == checkpoint.last_seq:
-                await reporter.run_started(self.clock.now_ms())
-            await reporter.run_done("FAILED", err, {})
-            return RunOutcome("FAILED", err, {}), redactor
+                return await self._canceled_before_start(plan, reporter, ctx, cancel_reason)
+            return await self._run_engine(plan, ctx, reporter)
         finally:
             if handle is not None:
-                SECRETS.unregister(handle)
+                self.secrets.unregister(handle)
 
     async def _run_engine(self, plan: Plan, ctx: RunContext, reporter: RunReporter) -> RunOutcome:
         hand_back: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -162,18 +232,37 @@ class RunService:
     async def _defer(self, job: Any, token: str, run_id: str, outcome: RunOutcome) -> None:
         """Checkpoint where each deferred step continues, then give the job back to BullMQ as
         delayed (not failed, not completed): it comes due at the earliest time a deferred step
-        may run, and a later delivery resumes there."""
-        resume = {f"resume:{k}": str(r.next_attempt) for k, r in outcome.deferred.items()}
-        if resume:
-            await self.redis.hset(self.keys.run(run_id), mapping=dict(resume))  # type: ignore[arg-type]
-        resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
-        await job.moveToDelayed(resume_at, token)
-        log.info(
-            "run.handed_back",
-            runId=run_id,
-            resumeInMs=resume_at - self.clock.now_ms(),
-            steps=sorted(outcome.deferred),
-        )
+        may run, and a later delivery resumes there.
+
+        Raises ``DelayedError`` and nothing else, so that BullMQ does nothing more with the
+        job: either it moved to delayed under this delivery's lock, or (the lock is gone, Redis
+        failed) it is left to the stalled check, which delivers it again once its lock expires.
+        The ``run.handed_back`` line says which (``to``)."""
+        steps = sorted(outcome.deferred)
+        try:
+            resume = {f"resume:{k}": b"%d" % r.next_attempt for k, r in outcome.deferred.items()}
+            if resume:
+                await self.sink.write(Transition(run_id, str(job.id), checkpoint=resume))
+            resume_at = max(outcome.resume_at_ms, self.clock.now_ms())
+            await job.moveToDelayed(resume_at, token)
+        except Exception as err:
+            log.warning(
+                "run.handed_back",
+                runId=run_id,
+                jobId=str(job.id),
+                to="stalled-check",
+                reason=f"{type(err).__name__}: {str(err)[:200]}",
+                steps=steps,
+            )
+        else:
+            log.info(
+                "run.handed_back",
+                runId=run_id,
+                jobId=str(job.id),
+                to="delayed",
+                resumeInMs=resume_at - self.clock.now_ms(),
+                steps=steps,
+            )
         raise DelayedError()
 
     def decode(self, job: Any) -> JobData:
@@ -219,6 +308,7 @@ class RunService:
             now_ms=self.clock.now_ms,
             last_seq=checkpoint.last_seq,
             completed_steps=len(checkpoint.steps),
+            hold_end=True,
         )
 
     def _context(
@@ -232,6 +322,7 @@ class RunService:
         secrets: dict[str, str],
     ) -> RunContext:
         started = checkpoint.started_ms or self.clock.now_ms()
+        restored = {k: v for k, v in checkpoint.steps.items() if k in plan.by_key}
         deadline = (
             data.deadline_at if data.deadline_at is not None else started + plan.version.timeout_ms
         )
@@ -245,9 +336,12 @@ class RunService:
             deadline_ms=deadline,
             connections=connections,
             secrets=secrets,
-            restored={k: v for k, v in checkpoint.steps.items() if k in plan.by_key},
+            restored=restored,
             resume_attempts=checkpoint.resume_attempts,
             restored_items=checkpoint.items,
+            restored_pages={
+                k: v for k, v in checkpoint.pages.items() if k in plan.by_key and k not in restored
+            },
             long_wait_ms=self.long_wait_ms,
             max_foreach_items=self.max_foreach_items,
         )
@@ -285,6 +379,28 @@ class RunService:
                 for key, s in outcome.steps.items()
             },
         }
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """What one delivery's boundary needs to report its ending: the run's redactor and its
+    reporter, once each is built."""
+
+    redactor: Redactor
+    reporter: RunReporter | None = None
+
+
+def _unrecoverable(reason: str) -> Exception:
+    error: Exception = UnrecoverableError(reason)
+    return error
+
+
+def _as_runner_error(err: BaseException) -> RunnerError:
+    """``err`` as a reportable error: a ``RunnerError`` as it is, anything else ``INTERNAL``
+    naming only its type (its message may hold anything, a secret included)."""
+    if isinstance(err, RunnerError):
+        return err.as_record()
+    return RunnerError(f"{type(err).__name__}", code=ErrorCode.INTERNAL)
 
 
 def run_identity(job: Any, data: JobData) -> str:

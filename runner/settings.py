@@ -129,10 +129,46 @@ class Settings:
         "RUNNER_FOLLOW_REDIRECTS", False, "follow HTTP redirects (each hop checked for egress)"
     )
     max_redirects: int = _setting("RUNNER_MAX_REDIRECTS", 5, "redirect hops when following")
+    paginate_max_pages: int = _setting(
+        "RUNNER_PAGINATE_MAX_PAGES", 1000, "pages a paginated step fetches at most (maxPages)"
+    )
+    paginate_max_items: int = _setting(
+        "RUNNER_PAGINATE_MAX_ITEMS", 100_000, "items a paginated step gathers at most (maxItems)"
+    )
+    paginate_max_bytes: int = _setting(
+        "RUNNER_PAGINATE_MAX_BYTES",
+        16 * 1024 * 1024,
+        "body bytes a paginated step reads at most over its pages (maxBytes)",
+    )
+    paginate_checkpoint_bytes: int = _setting(
+        "RUNNER_PAGINATE_CHECKPOINT_BYTES",
+        1024 * 1024,
+        "items of a paginated step kept in the checkpoint for a resume; past it, a resume refetches",
+    )
+    rate_limit: str = _setting(
+        "RUNNER_RATE_LIMIT",
+        "",
+        "shared rate limit of every connection without config.rateLimit: requests/perMs[/burst]; empty means none",
+    )
+    max_concurrency_per_connection: int = _setting(
+        "RUNNER_MAX_CONCURRENCY_PER_CONNECTION",
+        0,
+        "requests in flight across all runners per connection without config.maxConcurrency; 0 means no cap",
+    )
+    circuit_breaker: str = _setting(
+        "RUNNER_CIRCUIT_BREAKER",
+        "",
+        "breaker of every base URL without config.circuitBreaker: failures/windowMs/coolDownMs[/WAIT or /FAIL]; empty means off",
+    )
     health_port: int = _setting(
         "RUNNER_HEALTH_PORT", 0, "serve /healthz, /readyz and /metrics on this port; 0 means off"
     )
     log_level: str = _setting("RUNNER_LOG_LEVEL", "info", "debug, info, warning or error")
+    burst: bool = _setting(
+        "RUNNER_BURST",
+        False,
+        "process the jobs queued (waiting, delayed, active), then exit 0: tests, one-off drains",
+    )
 
     @property
     def stream_key(self) -> str:

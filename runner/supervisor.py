@@ -1,6 +1,6 @@
 """One command per host that uses every core: ``RUNNER_PROCESSES`` worker processes, supervised.
 
-The Python worker is CPU-bound on one core (FIELD-NOTES), so a host with N cores runs N of
+One Python worker keeps at most one core busy (one event loop, one thread), so a host with N cores runs N of
 them. With ``RUNNER_PROCESSES`` above 1 (or 0 for one per core), ``python -m runner`` becomes a
 small supervisor: it starts that many ordinary runner processes, restarts one that dies (with a
 backoff if it keeps dying), and on SIGTERM or SIGINT passes the signal on and waits for all of

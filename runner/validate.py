@@ -4,13 +4,16 @@ A control plane can run it when a workflow is published. It prints every problem
 per line with its JSON location, and exits 1; or prints ``ok: N steps`` and exits 0. Exit 2 is a
 usage error (no file, or a file that cannot be read).
 
-``compile_plan`` stops at the first structural problem; this collects as many as it can:
+The rules are compiling's own: ``plan_or_problems`` (``runner.engine.plan``) goes on past
+each problem and collects them all, so a rule lives in one place, and a run fails with the first
+problem of the same list. This module adds what only a linter can say:
 
 1. The text is JSON and decodes as a WorkflowVersion. When it does not, each step, action and
    connection is decoded on its own so that every broken one is named.
-2. Steps: keys well-formed and unique, actions and connections known, ``dependsOn`` known and
-   not the step itself, no dependency cycle, ``timeoutMs`` above 0.
-3. Templates, one string at a time: each parses, and each reference can exist at that step:
+2. Everything ``compile_plan`` checks: step keys, actions and connections known, ``dependsOn``,
+   cycles, ``timeoutMs``, every template and JSONPath, every schema, and ``paginate`` (the
+   step's over its Action's, complete and sound for its mode: ``runner.engine.pagination``).
+3. Lint: each template reference can exist at that step:
    - ``input.<field>``: a top-level field that ``parameterSchema.properties`` (or ``required``)
      declares. Lenient on purpose when the schema cannot say which fields exist: no
      ``parameterSchema``, no ``properties``, ``patternProperties``, or ``additionalProperties``
@@ -20,24 +23,20 @@ usage error (no file, or a file that cannot be read).
      dependency, since only those are sure to have finished.
    - ``env.<NAME>`` declared in ``envConfig.vars``; ``secrets.<NAME>`` in ``envConfig.secretRefs``.
    - ``run.id`` or ``run.tenantId``.
-   A JMESPath expression compiles (known functions, their arity, roots at its top) and the
-   head of each of its chains is checked as a reference is. ``extract`` JSONPaths parse.
-   ``forEach`` compiles (the run's roots, no ``item``); ``maxParallel`` is 1 or more;
-   ``item``/``index``, ``maxParallel`` and ``onItemError`` appear only with a ``forEach``.
-4. Each Action's path parameters: every ``{param}`` of ``endpointTemplate`` is given by each
-   step's ``input.path`` and no other key is; a ``pathSchema``'s ``required`` names exactly the
-   parameters. The endpoint fits the step's connection (relative to a ``baseUrl``, else absolute).
-5. Every schema compiles (``runner.engine.schemas``).
-6. When all of that holds, ``compile_plan`` and ``compile_schemas`` run as a run would.
+   In a JMESPath expression, the head of each chain is checked so (compiling checks its
+   functions, arity and roots, and ``forEach``).
+4. Lint: each Action's path parameters: every ``{param}`` of ``endpointTemplate`` is given by
+   each step's ``input.path`` and no other key is; a ``pathSchema``'s ``required`` names exactly
+   the parameters. The endpoint fits the step's connection (relative to a ``baseUrl``, else
+   absolute).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
@@ -50,8 +49,7 @@ from runner.contract import (
     decode_workflow_version,
     path_of,
 )
-from runner.engine.plan import STEP_KEY, StepPlan, compile_plan, find_cycle
-from runner.engine.schemas import ACTION_SCHEMA_FIELDS, compile_schema, compile_schemas
+from runner.engine.plan import Problems, plan_or_problems, string_leaves
 from runner.errors import DefinitionError
 from runner.expressions import root_chains
 from runner.http.request import base_url_for, path_params
@@ -61,7 +59,6 @@ from runner.templating import (
     Compiled,
     Ref,
     compile_for_each,
-    compile_jsonpath,
     compile_value,
     exprs_of,
     refs_of,
@@ -122,17 +119,11 @@ def validate_source(raw: bytes | str) -> Report:
 
 def check_version(version: WorkflowVersion) -> list[str]:
     """Every problem of a decoded WorkflowVersion (empty when it would compile and run)."""
-    checker = _Checker(version)
-    checker.run()
-    if not checker.problems:
-        # The structure is sound: let the real compilers have the last word, so that a rule
-        # added there and not here is still reported.
-        try:
-            compile_plan(version)
-            compile_schemas(version)
-        except DefinitionError as err:
-            checker.add(err.message)
-    return list(dict.fromkeys(checker.problems))
+    problems = Problems()
+    plan_or_problems(version, problems)
+    linter = _Linter(version, problems)
+    linter.run()
+    return list(problems.messages)
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -170,83 +161,22 @@ def _decode_problems(doc: Any) -> list[str]:
 # --- the checks --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Node:
-    """What ``find_cycle`` reads of a step."""
-
-    key: str
-    depends_on: tuple[str, ...]
-
-
-class _Checker:
-    def __init__(self, version: WorkflowVersion) -> None:
+class _Linter:
+    def __init__(self, version: WorkflowVersion, problems: Problems) -> None:
         self.version = version
-        self.problems: list[str] = []
-        self.first_index: dict[str, int] = {}
-        self.deps: dict[str, tuple[str, ...]] = {}
+        self.problems = problems
+        self.steps = {s.key for s in version.graph.steps}
         self.input_fields = _declared_input_fields(version.parameter_schema)
 
     def add(self, problem: str) -> None:
-        self.problems.append(problem)
+        self.problems.add(problem)
 
     def run(self) -> None:
-        self._steps()
-        self._cycle()
-        upstream = _upstream(self.deps)
+        upstream = _upstream(_declared_deps(self.version))
         for i, step in enumerate(self.version.graph.steps):
             self._templates(i, step, upstream.get(step.key, set()))
             self._endpoint(i, step)
         self._actions()
-        self._schemas()
-
-    def _steps(self) -> None:
-        version = self.version
-        previous: str | None = None
-        keys = {s.key for s in version.graph.steps}
-        for i, step in enumerate(version.graph.steps):
-            where = f"$.graph.steps[{i}]"
-            if not STEP_KEY.fullmatch(step.key):
-                self.add(f"{where}.key: '{step.key}' must match [A-Za-z_][A-Za-z0-9_]*")
-            if step.key in self.first_index:
-                self.add(
-                    f"{where}.key: duplicate key '{step.key}' "
-                    f"(also $.graph.steps[{self.first_index[step.key]}])"
-                )
-            else:
-                self.first_index[step.key] = i
-            action = version.actions.get(step.action_id)
-            if action is None:
-                self.add(f"{where}.actionId: unknown action '{step.action_id}'")
-            if (
-                step.connection_id is not None
-                and version.connections
-                and step.connection_id not in version.connections
-            ):
-                self.add(f"{where}.connectionId: unknown connection '{step.connection_id}'")
-            timeout_ms = step.timeout_ms
-            if timeout_ms is None and action is not None:
-                timeout_ms = action.timeout_ms
-            if timeout_ms is not None and timeout_ms <= 0:
-                self.add(f"{where}.timeoutMs: must be above 0")
-            if step.depends_on is None:
-                declared: tuple[str, ...] = (previous,) if previous is not None else ()
-            else:
-                declared = tuple(dict.fromkeys(step.depends_on))
-                for dep in declared:
-                    if dep not in keys:
-                        self.add(f"{where}.dependsOn: unknown step '{dep}'")
-                    elif dep == step.key:
-                        self.add(f"{where}.dependsOn: step '{step.key}' depends on itself")
-            if self.first_index[step.key] == i:
-                self.deps[step.key] = tuple(d for d in declared if d in keys and d != step.key)
-            previous = step.key
-
-    def _cycle(self) -> None:
-        nodes = [_Node(key, deps) for key, deps in self.deps.items()]
-        # find_cycle reads only ``key`` and ``depends_on``; unknown deps are filtered above.
-        cycle = find_cycle(cast("list[StepPlan]", nodes))
-        if cycle:
-            self.add(f"$.graph.steps: dependency cycle {' -> '.join(cycle)}")
 
     def _templates(self, i: int, step: Step, upstream: set[str]) -> None:
         where = f"$.graph.steps[{i}]"
@@ -264,29 +194,18 @@ class _Checker:
         item_roots = ITEM_ROOTS if step.for_each is not None else ROOTS
         for value, at in fields:
             roots = ROOTS if at.endswith(".when") else item_roots
-            for text, leaf in _strings(value, at):
+            for text, leaf in string_leaves(value, at):
                 try:
                     compiled = compile_value(text, leaf, roots)
-                except DefinitionError as err:
-                    self.add(err.message)
-                    continue
+                except DefinitionError:
+                    continue  # compiling reported it
                 self._references(compiled, step.key, upstream)
         if step.for_each is not None:
             try:
-                self._references(
-                    compile_for_each(step.for_each, f"{where}.forEach"), step.key, upstream
-                )
-            except DefinitionError as err:
-                self.add(err.message)
-            if step.max_parallel < 1:
-                self.add(f"{where}.maxParallel: must be 1 or more")
-        elif step.max_parallel != 1 or step.on_item_error != "fail":
-            self.add(f"{where}: maxParallel and onItemError need forEach")
-        for name, path in step.extract.items():
-            try:
-                compile_jsonpath(path, f"{where}.extract.{name}")
-            except DefinitionError as err:
-                self.add(err.message)
+                compiled = compile_for_each(step.for_each, f"{where}.forEach")
+            except DefinitionError:
+                return  # compiling reported it
+            self._references(compiled, step.key, upstream)
 
     def _references(self, compiled: Compiled, step_key: str, upstream: set[str]) -> None:
         """Each reference, a path's or the head of an expression's chain, can exist here."""
@@ -315,7 +234,7 @@ class _Checker:
             if not isinstance(first, str):
                 return "must name a step: steps.<key>.output or steps.<key>.status"
             if first not in upstream:
-                missing = "" if first in self.first_index else " (there is no such step)"
+                missing = "" if first in self.steps else " (there is no such step)"
                 return f"refers to step '{first}', which is not upstream of '{step_key}'{missing}"
             if len(path) < 2 or path[1] not in ("output", "status"):
                 return f"must go on with .output or .status after 'steps.{first}'"
@@ -389,21 +308,6 @@ class _Checker:
                         f"'{action.endpoint_template}' is not required"
                     )
 
-    def _schemas(self) -> None:
-        if self.version.parameter_schema is not None:
-            self._compiles(self.version.parameter_schema, "$.parameterSchema")
-        for action in self.version.actions.values():
-            for attr, wire in ACTION_SCHEMA_FIELDS:
-                schema = getattr(action, attr)
-                if schema is not None:
-                    self._compiles(schema, f"$.actions.{action.id}.{wire}")
-
-    def _compiles(self, schema: Any, where: str) -> None:
-        try:
-            compile_schema(schema, where)
-        except DefinitionError as err:
-            self.add(err.message)
-
 
 def _named(path: tuple[str | int, ...], kind: str, declared_at: str, names: Any) -> str | None:
     if not path or not isinstance(path[0], str):
@@ -435,6 +339,22 @@ def _declared_input_fields(schema: dict[str, Any] | None) -> frozenset[str] | No
     return frozenset(names)
 
 
+def _declared_deps(version: WorkflowVersion) -> dict[str, tuple[str, ...]]:
+    """Each step's dependencies as compiling reads them (absent: the step before), known steps
+    only, the first step of a duplicated key."""
+    keys = {s.key for s in version.graph.steps}
+    deps: dict[str, tuple[str, ...]] = {}
+    previous: str | None = None
+    for step in version.graph.steps:
+        if step.depends_on is None:
+            declared: tuple[str, ...] = (previous,) if previous is not None else ()
+        else:
+            declared = tuple(dict.fromkeys(step.depends_on))
+        deps.setdefault(step.key, tuple(d for d in declared if d in keys and d != step.key))
+        previous = step.key
+    return deps
+
+
 def _upstream(deps: dict[str, tuple[str, ...]]) -> dict[str, set[str]]:
     """Each step's transitive dependencies (itself excluded, even inside a cycle)."""
     result: dict[str, set[str]] = {}
@@ -449,15 +369,3 @@ def _upstream(deps: dict[str, tuple[str, ...]]) -> dict[str, set[str]]:
         seen.discard(key)
         result[key] = seen
     return result
-
-
-def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
-    """Every string leaf with the location ``compile_value`` would give it."""
-    if isinstance(value, str):
-        yield value, where
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _strings(v, f"{where}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _strings(v, f"{where}[{i}]")

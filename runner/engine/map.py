@@ -21,6 +21,7 @@ from runner.engine.ports import (
     Attempt,
     Clock,
     Deferral,
+    FlowControl,
     ItemCounts,
     Reporter,
     RunContext,
@@ -58,6 +59,12 @@ class _ItemReporter:
     async def attempt_done(self, attempt: Attempt) -> None:
         await self._reporter.attempt_done(attempt)
 
+    async def step_waiting(
+        self, key: str, attempt: int, started_ms: int, reason: str, wait_ms: int, deferred: bool
+    ) -> None:
+        # A wait for flow control is worth an event even inside a map: it explains a stall.
+        await self._reporter.step_waiting(key, attempt, started_ms, reason, wait_ms, deferred)
+
 
 def _items_of(sp: StepPlan, ctx: RunContext, scope: Mapping[str, Any], clock: Clock) -> list[Any]:
     assert sp.for_each is not None
@@ -92,6 +99,7 @@ async def run_items(
     clock: Clock,
     span: StepSpan,
     result: StepResult,
+    flow: FlowControl | None = None,
 ) -> list[Any]:
     """The list of item outputs; fills ``result`` (attempts, items). Raises ``ItemFailed``
     (``onItemError: fail``), ``Deferral`` (an item's next attempt is far away) or what a
@@ -134,6 +142,7 @@ async def run_items(
                 result=res,
                 schemas=schemas,
                 span=span,
+                flow=flow,
             )
             res.status = "SUCCESS"
         except RunnerError as caught:

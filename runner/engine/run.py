@@ -29,10 +29,13 @@ import contextlib
 from typing import Any
 
 from runner.engine.map import ItemFailed, run_items
+from runner.engine.paged import run_pages
+from runner.engine.pagination import PageLimits
 from runner.engine.plan import Plan, StepPlan
 from runner.engine.ports import (
     Clock,
     Deferral,
+    FlowControl,
     Reporter,
     RunContext,
     RunStatus,
@@ -102,10 +105,20 @@ class _State:
 
 
 class Engine:
-    def __init__(self, transport: Transport, clock: Clock, *, step_parallelism: int = 8) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        clock: Clock,
+        *,
+        step_parallelism: int = 8,
+        page_limits: PageLimits | None = None,
+        flow: FlowControl | None = None,
+    ) -> None:
         self.transport = transport
         self.clock = clock
         self.step_parallelism = max(1, step_parallelism)
+        self.page_limits = page_limits or PageLimits()
+        self.flow = flow
 
     async def run(self, plan: Plan, ctx: RunContext, reporter: Reporter) -> RunOutcome:
         results = dict(ctx.restored)
@@ -291,22 +304,41 @@ class Engine:
                     clock=self.clock,
                     span=span,
                     result=res,
+                    flow=self.flow,
                 )
                 res.status = "SUCCESS"
                 return await self._ended(reporter, res)
             request = prepare_request(sp, ctx, state.scope, state.plan.schemas, self.clock.now_ms)
-            res.output = await run_attempts(
-                sp,
-                ctx,
-                request,
-                transport=self.transport,
-                reporter=reporter,
-                clock=self.clock,
-                result=res,
-                schemas=state.plan.schemas,
-                span=span,
-                first_attempt=ctx.resume_attempts.get(sp.key, 1),
-            )
+            if sp.paginate is not None:
+                res.output = await run_pages(
+                    sp,
+                    ctx,
+                    request,
+                    transport=self.transport,
+                    reporter=reporter,
+                    clock=self.clock,
+                    result=res,
+                    limits=self.page_limits,
+                    schemas=state.plan.schemas,
+                    span=span,
+                    first_attempt=ctx.resume_attempts.get(sp.key, 1),
+                    restored=ctx.restored_pages.get(sp.key),
+                    flow=self.flow,
+                )
+            else:
+                res.output = await run_attempts(
+                    sp,
+                    ctx,
+                    request,
+                    transport=self.transport,
+                    reporter=reporter,
+                    clock=self.clock,
+                    result=res,
+                    schemas=state.plan.schemas,
+                    span=span,
+                    first_attempt=ctx.resume_attempts.get(sp.key, 1),
+                    flow=self.flow,
+                )
             res.status = "SUCCESS"
         except Deferral as deferral:
             res.status = "DEFERRED"

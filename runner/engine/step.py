@@ -9,18 +9,22 @@ with ``WORKFLOW_TIMEOUT`` at once (``runner.retry.decide``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import msgspec
 
 from runner import jsonlimits
 from runner.contract import Connection
+from runner.engine.admission import admit
 from runner.engine.plan import StepPlan
 from runner.engine.ports import (
     Attempt,
     Clock,
     Deferral,
+    FlowControl,
+    FlowGate,
+    Grant,
     Reporter,
     RunContext,
     StepResult,
@@ -46,6 +50,9 @@ _decode_json = msgspec.json.Decoder().decode
 _NOT_JSON = object()  # a body that did not decode
 _TOO_DEEP = object()  # a body nested deeper than RUNNER_MAX_JSON_DEPTH
 _UNSAFE_METHODS = frozenset({"POST", "PATCH"})
+LEASE_MARGIN_MS = 5_000
+"""A concurrency lease outlives its attempt's timeout by this much, then expires on its own
+(a runner killed mid-request does not hold the slot for ever)."""
 
 OFF_LOOP_BYTES = 64 * 1024
 """A response body larger than this is decoded, validated and extracted in a worker thread,
@@ -175,6 +182,40 @@ async def response_output_async(
 def _response_output(
     sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None
 ) -> dict[str, Any]:
+    output: dict[str, Any] = {
+        "status": response.status,
+        "headers": dict(response.headers),
+        "body": _decoded_body(sp, response, schemas),
+    }
+    for name, path in sp.extract:
+        if path.has_wildcard or path.exists(output):
+            output[name] = path.find(output)
+    return output
+
+
+def decoded_body(sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None) -> Any:
+    """A 2xx body decoded as its Content-Type says and checked against ``outputSchema``
+    (``response_output`` without the output around it); the same errors."""
+    try:
+        return _decoded_body(sp, response, schemas)
+    except RecursionError:
+        pass
+    raise ResponseError(
+        f"{sp.key}: the response body is {jsonlimits.too_deep_message()}",
+        status=response.status,
+    )
+
+
+async def decoded_body_async(
+    sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None
+) -> Any:
+    """``decoded_body``, in a worker thread when the body is over ``OFF_LOOP_BYTES``."""
+    if len(response.body) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decoded_body, sp, response, schemas)
+    return decoded_body(sp, response, schemas)
+
+
+def _decoded_body(sp: StepPlan, response: HttpResponse, schemas: PlanSchemas | None) -> Any:
     content_type = response.headers.get("content-type", "")
     body: Any
     if not response.body:
@@ -204,15 +245,10 @@ def _response_output(
         body = response.body.decode("utf-8", errors="replace")
     if schemas is not None:
         check_output(schemas, sp.key, body)
-    output: dict[str, Any] = {
-        "status": response.status,
-        "headers": dict(response.headers),
-        "body": body,
-    }
-    for name, path in sp.extract:
-        if path.has_wildcard or path.exists(output):
-            output[name] = path.find(output)
-    return output
+    return body
+
+
+Shape = Callable[[StepPlan, HttpResponse, "PlanSchemas | None"], Awaitable[Any]]
 
 
 async def run_attempts(
@@ -227,19 +263,47 @@ async def run_attempts(
     schemas: PlanSchemas | None = None,
     span: StepSpan | None = None,
     first_attempt: int = 1,
-) -> dict[str, Any]:
-    """Attempts until success, a final failure (raised), or the deadline. Fills ``result``."""
+    shape: Shape = response_output_async,
+    announce: bool = True,
+    flow: FlowControl | None = None,
+) -> Any:
+    """Attempts until success, a final failure (raised), or the deadline. Fills ``result``.
+    ``shape`` makes the value of a 2xx response (the step's output; a page of a paginated
+    step); ``announce`` False: no RUNNING events (the pages after the first: one event per page
+    would be a storm; their failed attempts are in the job log and the execution log). With
+    ``flow``, each attempt first waits for its grant (``runner.engine.admission``)."""
     connection = _connection_of(sp, ctx)
+    gate = None
+    if flow is not None and connection is not None:
+        gate = flow.gate(connection, ctx.tenant_id, connection.config.base_url or "")
     attempt = first_attempt
     may_have_reached_server = False
     while True:
+        grant, waited_ms = None, 0
+        if gate is not None and flow is not None:
+            if ctx.deadline_ms <= clock.now_ms():
+                raise WorkflowTimeout("the run's deadline passed before the next attempt")
+            grant, waited_ms = await admit(
+                flow,
+                gate,
+                ctx,
+                step_key=sp.key,
+                attempt=attempt,
+                started_ms=result.started_ms or clock.now_ms(),
+                lease_ms=sp.timeout_ms + LEASE_MARGIN_MS,
+                clock=clock,
+                reporter=reporter,
+            )
         now = clock.now_ms()
         remaining_ms = ctx.deadline_ms - now
         if remaining_ms <= 0:
+            if grant is not None and gate is not None:
+                gate.abandon(grant)
             raise WorkflowTimeout("the run's deadline passed before the next attempt")
         cut_by_deadline = remaining_ms < sp.timeout_ms
         timeout_ms = min(sp.timeout_ms, remaining_ms)
-        await reporter.step_running(sp.key, attempt, result.started_ms or now)
+        if announce:
+            await reporter.step_running(sp.key, attempt, result.started_ms or now)
         result.attempts = attempt
         record = Attempt(
             step_key=sp.key,
@@ -254,20 +318,28 @@ async def run_attempts(
             ),
         )
         with (span or NOOP_STEP_SPAN).attempt(request.method, request.url, attempt) as trace:
-            outcome = await _attempt(
-                sp,
-                ctx,
-                _with_trace_context(request, trace, connection),
-                connection=connection,
-                transport=transport,
-                reporter=reporter,
-                clock=clock,
-                schemas=schemas,
-                record=record,
-                started_ms=now,
-                timeout_ms=timeout_ms,
-                cut_by_deadline=cut_by_deadline,
-                trace=trace,
+            if gate is not None and grant is not None:
+                trace.flow(gate.name, waited_ms, grant.reason, grant.probe)
+            outcome = await _settled(
+                gate,
+                grant,
+                record,
+                _attempt(
+                    sp,
+                    ctx,
+                    _with_trace_context(request, trace, connection),
+                    connection=connection,
+                    transport=transport,
+                    reporter=reporter,
+                    clock=clock,
+                    schemas=schemas,
+                    record=record,
+                    started_ms=now,
+                    timeout_ms=timeout_ms,
+                    cut_by_deadline=cut_by_deadline,
+                    trace=trace,
+                    shape=shape,
+                ),
             )
         if not isinstance(outcome, RetryDecision):
             return outcome
@@ -277,6 +349,37 @@ async def run_attempts(
             raise Deferral(clock.now_ms() + outcome.delay_ms, attempt + 1)
         await clock.sleep(outcome.delay_ms / 1000)
         attempt += 1
+
+
+async def _settled(
+    gate: FlowGate | None,
+    grant: Grant | None,
+    record: Attempt,
+    attempt: Coroutine[Any, Any, dict[str, Any] | RetryDecision],
+) -> dict[str, Any] | RetryDecision:
+    """The attempt, its outcome told to the flow control (a lease released, a budget or a
+    failure learnt) however it ends."""
+    if gate is None or grant is None:
+        return await attempt
+    try:
+        outcome = await attempt
+    except RunnerError:
+        await _tell(gate, grant, record)
+        raise
+    except BaseException:
+        gate.abandon(grant)
+        raise
+    await _tell(gate, grant, record)
+    return outcome
+
+
+async def _tell(gate: FlowGate, grant: Grant, record: Attempt) -> None:
+    await gate.settle(
+        grant,
+        status=record.status,
+        headers=record.headers,
+        error_code=str(record.error.code) if record.error is not None else None,
+    )
 
 
 async def _attempt(
@@ -294,7 +397,8 @@ async def _attempt(
     timeout_ms: int,
     cut_by_deadline: bool,
     trace: AttemptSpan,
-) -> dict[str, Any] | RetryDecision:
+    shape: Shape,
+) -> Any:
     """One attempt: its output, or the decision to retry; a final failure is raised."""
     try:
         response = await transport.send(
@@ -302,8 +406,9 @@ async def _attempt(
         )
         trace.response(response.status)
         record.status = response.status
+        record.headers = response.headers
         if 200 <= response.status < 300:
-            output = await response_output_async(sp, response, schemas)
+            output = await shape(sp, response, schemas)
             record.duration_ms = clock.now_ms() - started_ms
             await reporter.attempt_done(record)
             return output

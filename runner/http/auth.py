@@ -15,6 +15,10 @@ token (a ``str``) back into the flow::
 ``Connection`` into an adapter (or ``None`` for ``NONE``), failing with
 ``CREDENTIALS_UNAVAILABLE`` when a field is missing, naming the field and the connection, never
 a value. ``secret_values`` and ``sensitive_names`` say what the run's ``Redactor`` must mask.
+
+Each adapter also names what it puts on a request (``credential_names``): the redirect follower
+strips exactly those, and the headers that always carry credentials, when a hop leaves the
+origin, so a new adapter cannot add a credential that a redirect carries away.
 """
 
 from __future__ import annotations
@@ -46,6 +50,34 @@ class TokenNeeded:
 
 AuthFlow = Generator[HttpRequest | TokenNeeded, HttpResponse | str, None]
 
+# Headers that carry credentials whoever set them (an adapter, a step's headers, a template).
+ALWAYS_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialNames:
+    """The header names (lower-cased) and query-parameter names that carry a credential."""
+
+    headers: frozenset[str] = ALWAYS_CREDENTIAL_HEADERS
+    query: frozenset[str] = frozenset()
+
+    def strip(self, request: HttpRequest) -> HttpRequest:
+        """``request`` without any of these headers or query parameters."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in self.headers}
+        query = tuple((k, v) for k, v in request.query if k not in self.query)
+        return HttpRequest(request.method, request.url, query, headers, request.body)
+
+
+def credential_names(auth: Auth | None) -> CredentialNames:
+    """What ``auth`` puts on a request, with the headers that always carry credentials."""
+    if auth is None:
+        return CredentialNames()
+    headers, query = auth.credential_names()
+    return CredentialNames(
+        headers=ALWAYS_CREDENTIAL_HEADERS | {h.lower() for h in headers},
+        query=frozenset(query),
+    )
+
 
 class Auth:
     """Base adapter: sends the request unchanged."""
@@ -71,6 +103,10 @@ class Auth:
     async def obtain_token(self, need: TokenNeeded) -> str:
         raise AuthError(f"{type(self).__name__} does not use tokens", code=ErrorCode.INTERNAL)
 
+    def credential_names(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The header names and query-parameter names this adapter's flow sets."""
+        return frozenset(), frozenset()
+
 
 class ApiKeyAuth(Auth):
     static = True
@@ -88,6 +124,11 @@ class ApiKeyAuth(Auth):
             # travel next to the key.
             yield request.with_query_replaced(self.name, self._value)
 
+    def credential_names(self) -> tuple[frozenset[str], frozenset[str]]:
+        if self.location == "header":
+            return frozenset({self.name}), frozenset()
+        return frozenset(), frozenset({self.name})
+
 
 class BasicAuth(Auth):
     static = True
@@ -97,6 +138,9 @@ class BasicAuth(Auth):
 
     def auth_flow(self, request: HttpRequest) -> AuthFlow:
         yield request.with_header("Authorization", self._header)
+
+    def credential_names(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset({"Authorization"}), frozenset()
 
 
 class CustomHeaderAuth(Auth):
@@ -109,6 +153,9 @@ class CustomHeaderAuth(Auth):
         for name, value in self._headers.items():
             request = request.with_header(name, value)
         yield request
+
+    def credential_names(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(self._headers), frozenset()
 
 
 class OAuth2Auth(Auth):
@@ -128,6 +175,9 @@ class OAuth2Auth(Auth):
             return
         token = _expect_token((yield TokenNeeded(force_refresh=True, rejected_token=token)))
         yield request.with_header("Authorization", f"Bearer {token}")
+
+    def credential_names(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset({"Authorization"}), frozenset()
 
     async def obtain_token(self, need: TokenNeeded) -> str:
         return await self._tokens.access_token(

@@ -8,7 +8,11 @@ secret cannot ride along.
 - Each attempt is bounded as a whole (connect, send, headers and the body read) by its timeout.
 - Bodies are read as a stream and cut off past ``max_response_bytes``.
 - Redirects are not followed unless enabled; then each hop is checked by the egress policy
-  again and credentials are dropped when the origin changes.
+  again. Once a hop leaves the first request's origin (scheme, host, port), it and every later
+  hop carry none of the credentials the auth layer names (``credential_names``): no
+  Authorization, no API key header or query parameter, no custom header, no cookie. A
+  same-origin hop keeps them (a static adapter's are set on it again). 303, and 301/302 after a
+  POST, turn into a GET without body (HEAD stays HEAD), as in httpx and the Fetch standard.
 - The egress policy lives in the session ``make_session`` builds (a middleware for IP literals,
   the resolver for names), so every request on it is checked, whoever sends it, and the
   address connected to is the address checked. No other code in ``runner`` builds a session
@@ -27,13 +31,23 @@ from yarl import URL
 from runner.contract import Connection
 from runner.deadline import deadline
 from runner.errors import ErrorCode, RunnerError, TransportError
-from runner.http.auth import build_auth, send_with_auth
+from runner.http.auth import Auth, CredentialNames, build_auth, credential_names, send_with_auth
 from runner.http.egress import EgressPolicy, GuardedResolver, egress_error, egress_middleware
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.http.oauth2 import OAuth2TokenManager
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+# Dropped with the body when a redirect turns the request into a GET (Fetch: request-body-header).
+_BODY_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "content-language",
+        "content-location",
+        "transfer-encoding",
+    }
+)
 
 
 def make_session(
@@ -99,15 +113,20 @@ class HttpTransport:
                 connection, tokens=self.tokens, tenant_id=tenant_id, now_ms=self.now_ms
             )
         ssl_context = self._ssl_for(connection)
+        names = credential_names(auth)
+        static: Auth | None = None
         if auth is not None and auth.static:
-            request, auth = auth.prepare(request), None
+            static, auth = auth, None
+            request = static.prepare(request)
         try:
             async with deadline(timeout_s):
                 if auth is None and not self.follow_redirects:
                     # The common case, sent straight: no flow to drive, no redirect to follow.
                     return await self._send_once(request, ssl_context)
                 return await send_with_auth(
-                    auth, request, lambda r: self._send_following(r, ssl_context)
+                    auth,
+                    request,
+                    lambda r: self._send_following(r, ssl_context, names, static),
                 )
         except TimeoutError:
             raise TransportError(
@@ -116,37 +135,29 @@ class HttpTransport:
             ) from None
 
     async def _send_following(
-        self, request: HttpRequest, ssl_context: ssl.SSLContext | bool
+        self,
+        request: HttpRequest,
+        ssl_context: ssl.SSLContext | bool,
+        names: CredentialNames,
+        static: Auth | None,
     ) -> HttpResponse:
+        """Send ``request``, then follow its redirects while enabled, up to ``max_redirects``."""
         response = await self._send_once(request, ssl_context)
+        origin = URL(request.url, encoded=True).origin()
+        left_origin = False
         hops = 0
         while self.follow_redirects and response.status in _REDIRECTS:
             location = response.headers.get("location")
             if not location or hops >= self.max_redirects:
                 break
             hops += 1
-            target = URL(request.url, encoded=True).join(URL(location))
-            if target.scheme not in ("http", "https"):
-                raise TransportError(
-                    f"redirect to a {target.scheme or 'relative'} URL refused",
-                    code=ErrorCode.EGRESS_DENIED,
-                )
-            same_origin = URL(request.url, encoded=True).origin() == target.origin()
-            headers = dict(request.headers)
-            if not same_origin:
-                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
-            method, body = request.method, request.body
-            if response.status == 303 or (
-                response.status in (301, 302) and request.method == "POST"
-            ):
-                method, body = "GET", None
-            request = HttpRequest(
-                method=method,
-                url=str(target.with_query(None).with_fragment(None)),
-                query=tuple(target.query.items()),
-                headers=headers,
-                body=body,
-            )
+            request = _redirected(request, response.status, location)
+            # Sticky: a hop back to the first origin after a foreign one is not trusted again.
+            left_origin = left_origin or URL(request.url, encoded=True).origin() != origin
+            if left_origin:
+                request = names.strip(request)
+            elif static is not None:
+                request = static.prepare(request)  # e.g. an API key in the query, set again
             response = await self._send_once(request, ssl_context)
         return response
 
@@ -240,6 +251,28 @@ class HttpTransport:
                 ) from None
             self._ssl[bundle] = context
         return context
+
+
+def _redirected(request: HttpRequest, status: int, location: str) -> HttpRequest:
+    """The request a ``status`` redirect to ``location`` asks for, credentials left to the
+    caller: the method and body as httpx keeps them, the query from ``location``."""
+    target = URL(request.url, encoded=True).join(URL(location))
+    if target.scheme not in ("http", "https"):
+        raise TransportError(
+            f"redirect to a {target.scheme or 'relative'} URL refused",
+            code=ErrorCode.EGRESS_DENIED,
+        )
+    method, body, headers = request.method, request.body, dict(request.headers)
+    if method != "HEAD" and (status == 303 or (status in (301, 302) and method == "POST")):
+        method, body = "GET", None
+        headers = {k: v for k, v in headers.items() if k.lower() not in _BODY_HEADERS}
+    return HttpRequest(
+        method=method,
+        url=str(target.with_query(None).with_fragment(None)),
+        query=tuple(target.query.items()),
+        headers=headers,
+        body=body,
+    )
 
 
 def _host(url: str) -> str:

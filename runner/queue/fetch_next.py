@@ -75,8 +75,6 @@ class FetchNextWorker(Worker):  # type: ignore[misc]
                     self.processing.add(task)
                     task.add_done_callback(free_slot)
         finally:
-            # As the stock loop: release the lock renewal and the stalled check however the
-            # loop ends; on close, ``close()`` itself waits for the jobs in ``processing``.
             self.running = False
             if not self.closing:
                 for task in self.processing:
@@ -89,7 +87,14 @@ class FetchNextWorker(Worker):  # type: ignore[misc]
             if self.stalledCheckTimer is not None:
                 with contextlib.suppress(Exception):
                     self.stalledCheckTimer.stop()
-            await self.lockManager.close()
+            if not self.closing:
+                await self.lockManager.close()
+            # On close the locks of the jobs still running stay renewed until they end:
+            # ``close()`` closes the lock manager once ``processing`` is empty (or at once when
+            # forced). The stock loop closed it here, as soon as the loop stopped taking jobs,
+            # so a run past the lock's duration in the shutdown grace lost its lock: another
+            # worker's stalled check could run it a second time, and the hand-back's
+            # ``moveToDelayed`` (then ``retryJob``) failed with "Missing lock" (issue 21).
 
     async def nextJobFromJobData(
         self,

@@ -31,6 +31,20 @@ class Keys:
         """BullMQ's event stream of the queue (cancel-job events arrive here)."""
         return f"{self.base}:events"
 
+    def flow(self, connection_id: str) -> str:
+        """Hash: a connection's shared budget (GCRA's TAT, a pause, the adaptive factor);
+        ``:leases`` a zset of requests in flight (``maxConcurrency``); ``:tenants`` a zset of
+        tenants seen lately (fair share)."""
+        return f"{self.base}:flow:{connection_id}"
+
+    def flow_tenant(self, connection_id: str, tenant_id: str) -> str:
+        """Hash: one tenant's budget on a connection; ``:leases`` as for the connection."""
+        return f"{self.base}:flow:{connection_id}:tenant:{tenant_id}"
+
+    def breaker(self, base_url: str) -> str:
+        """Hash: the circuit breaker of one base URL (its origin), shared by every runner."""
+        return f"{self.base}:breaker:{base_url}"
+
     # BullMQ's own keys, named here only to hand them to BullMQ's Lua scripts.
 
     def job(self, job_id: str) -> str:

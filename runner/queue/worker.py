@@ -171,7 +171,9 @@ class QueueWorker:
             log.warning("worker.grace_expired", graceS=grace_s, handedBack=count)
             done, _ = await asyncio.wait({closing}, timeout=10)
         if not done:
-            log.warning("worker.force_close", inFlight=len(worker.jobs))
+            # Their tasks are cancelled and their locks no longer renewed: each job stays
+            # active until its lock expires and a stalled check delivers it again.
+            log.warning("worker.force_close", inFlight=len(worker.jobs), to="stalled-check")
             await worker.close(force=True)
             closing.cancel()
         if self._run_task is not None:

@@ -5,7 +5,9 @@ continues at the first unfinished step and never calls a finished one again.
 The hash itself is written by ``runner.reporting.stream`` together with each event; its fields:
 ``seq``, ``startedAt``, ``step:<key>`` holding the step's result as JSON (redacted), and
 ``resume:<key>``, the attempt a deferred step continues at (written when the job is handed
-back to BullMQ), and ``item:<key>:<index>``, a ``forEach`` item's result, as a step's.
+back to BullMQ), for a paginated step in flight ``page:<key>`` (where it stands, a
+``Progress``) with ``page:<key>:<n>``, the items of its page ``n``, and ``item:<key>:<index>``,
+a ``forEach`` item's result, as a step's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from runner.engine.pagination import Progress, SavedPages
 from runner.engine.ports import StepResult
 from runner.errors import ErrorCode, RunnerError
 
@@ -34,6 +37,8 @@ class _Saved(msgspec.Struct, rename="camel"):
 
 
 _decode_saved = msgspec.json.Decoder(_Saved).decode
+_decode_progress = msgspec.json.Decoder(Progress).decode
+_decode_items = msgspec.json.Decoder(list[object]).decode
 
 
 @dataclass(slots=True)
@@ -45,16 +50,21 @@ class Checkpoint:
     resume_attempts: dict[str, int] = field(default_factory=dict)
     # forEach items that finished, by step key and index.
     items: dict[str, dict[int, StepResult]] = field(default_factory=dict)
+    # Paginated steps in flight: the pages they finished.
+    pages: dict[str, SavedPages] = field(default_factory=dict)
 
 
 def parse_checkpoint(raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Checkpoint:
     cp = Checkpoint()
+    page_fields: dict[str, bytes] = {}
     for k, v in raw.items():
         key = k.decode() if isinstance(k, bytes) else k
         if key == "seq":
             cp.last_seq = int(v)
         elif key == "startedAt":
             cp.started_ms = int(v)
+        elif key.startswith("page:"):
+            page_fields[key] = v
         elif key.startswith("resume:"):
             cp.resume_attempts[key[7:]] = int(v)
         elif key.startswith("step:"):
@@ -66,6 +76,7 @@ def parse_checkpoint(raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Checkp
             item = _result_of(step_key, v)
             if item is not None and index.isdigit():
                 cp.items.setdefault(step_key, {})[int(index)] = item
+    cp.pages = _saved_pages(page_fields)
     return cp
 
 
@@ -92,3 +103,22 @@ def _result_of(key: str, raw: bytes) -> StepResult | None:
         output=saved.output,
         error=error,
     )
+
+
+def _saved_pages(fields: Mapping[str, bytes]) -> dict[str, SavedPages]:
+    """Each step's pages, when its state and the items of every page it counts are readable;
+    otherwise the step starts over from its first page (the safe side: pages are reads)."""
+    saved: dict[str, SavedPages] = {}
+    for name, value in fields.items():
+        step = name[5:]
+        if ":" in step:
+            continue
+        try:
+            progress = _decode_progress(value)
+            items: list[object] = []
+            for n in range(1, progress.pages + 1):
+                items.extend(_decode_items(fields[f"page:{step}:{n}"]))
+        except (msgspec.DecodeError, KeyError):
+            continue
+        saved[step] = SavedPages(progress, items)
+    return saved

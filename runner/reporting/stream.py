@@ -51,6 +51,7 @@ class Transition:
     __slots__ = (
         "checkpoint",
         "event",
+        "forget",
         "job_id",
         "keep_logs",
         "log_lines",
@@ -72,6 +73,9 @@ class Transition:
         keep_logs: int = 0,
         # Start the checkpoint's retention over (the run's first write of each delivery).
         renew: bool = False,
+        # Checkpoint fields to delete, after the fields above are set (a paginated step's pages
+        # once the step has finished).
+        forget: tuple[str, ...] = (),
     ) -> None:
         self.run_id = run_id
         self.job_id = job_id
@@ -82,6 +86,7 @@ class Transition:
         self.log_lines = log_lines
         self.keep_logs = keep_logs
         self.renew = renew
+        self.forget = forget
 
     def __repr__(self) -> str:
         return f"Transition(run_id={self.run_id!r}, job_id={self.job_id!r}, seq={self.seq!r})"
@@ -114,7 +119,7 @@ class RedisStatusSink:
         self._xadd = packed_head(8, b"XADD", stream, b"MAXLEN", b"~", maxlen, b"*", b"event")
         self._heads: dict[tuple[str, str, int], _RunHeads] = {}
         # What the heads of every run share, packed here once: a run's own adds its keys and
-        # job id as bulk strings (a run's heads took 7.8 µs packed whole, compiled).
+        # job id as bulk strings (a run's heads took 7.8 µs packed whole).
         self._progress_start = packed_head(8, b"EVALSHA", _UPDATE_PROGRESS.sha, 3)
         self._events_meta = bulk(keys.events().encode()) + bulk(keys.meta().encode())
         self._log_start = packed_head(8, b"EVALSHA", _ADD_LOG.sha, 2)
@@ -150,8 +155,12 @@ class RedisStatusSink:
                     # Once per delivery: a delivery lasts minutes, the retention days.
                     commands.append((b"EXPIRE", heads.run_key, self.retention_s))
             elif t.checkpoint:
-                # A forEach item's end: its checkpoint field, with no event (and no seq).
-                commands.append(heads.hset_fields(t.checkpoint))
+                # Checkpoint fields without an event (where deferred steps resume, a
+                # paginated step's pages).
+                fields = [part for item in t.checkpoint.items() for part in item]
+                commands.append((b"HSET", heads.run_key, *fields))
+            if t.forget:
+                commands.append((b"HDEL", heads.run_key, *t.forget))
             if t.progress is not None:
                 progress = t.progress
                 commands.append(b"%s$%d\r\n%s\r\n" % (heads.progress, len(progress), progress))
@@ -226,16 +235,6 @@ class _RunHeads:
             fields += (bulk(name.encode()), bulk(value))
         return b"*%d\r\n%s%s" % (3 + len(fields), self.hset_head, b"".join(fields))
 
-    def hset_fields(self, checkpoint: dict[str, bytes]) -> bytes:
-        """``HSET`` of checkpoint fields alone."""
-        fields = b"".join(bulk(name.encode()) + bulk(value) for name, value in checkpoint.items())
-        return b"*%d\r\n%s%s%s" % (
-            2 + 2 * len(checkpoint),
-            _HSET,
-            bulk(self.run_key.encode()),
-            fields,
-        )
-
 
 class _StateRead:
     __slots__ = ("run_id",)
@@ -290,6 +289,8 @@ class MemoryStatusSink:
                 run.update(t.checkpoint)
         elif t.checkpoint:
             self.runs.setdefault(t.run_id, {}).update(t.checkpoint)
+        for name in t.forget:
+            self.runs.get(t.run_id, {}).pop(name, None)
         if t.progress is not None:
             self.progress.setdefault(t.job_id, []).append(t.progress)
         if t.log_lines:

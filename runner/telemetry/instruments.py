@@ -16,7 +16,7 @@ only when ``Instruments`` is built, that is only when telemetry or /metrics is o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
@@ -53,6 +53,8 @@ class GaugeSource:
         self.queue_counts: Mapping[str, int] = {}
         self.active: Callable[[], int] = lambda: 0
         self.free_slots: Callable[[], int] = lambda: 0
+        # runner.flow.stats.FlowStats, when flow control is built (untyped: no import here).
+        self.flow: Any = None
 
 
 class Instruments:
@@ -141,6 +143,69 @@ class Instruments:
             [lambda _: [Observation(gauges.free_slots(), queue_attr)]],
             unit="{slot}",
             description="Job slots free in this worker process (concurrency minus runs in flight).",
+        )
+
+        def flow_wait(_: CallbackOptions) -> list[Observation]:
+            stats = gauges.flow
+            if stats is None:
+                return []
+            return [
+                Observation(ms, {"workflow.connection": c, "workflow.flow.reason": r})
+                for (c, r), ms in list(stats.wait_ms.items())
+            ]
+
+        def flow_waits(_: CallbackOptions) -> list[Observation]:
+            stats = gauges.flow
+            if stats is None:
+                return []
+            return [
+                Observation(n, {"workflow.connection": c, "workflow.flow.reason": r})
+                for (c, r), n in list(stats.waits.items())
+            ]
+
+        def flow_adaptations(_: CallbackOptions) -> list[Observation]:
+            stats = gauges.flow
+            if stats is None:
+                return []
+            return [
+                Observation(n, {"workflow.connection": c, "workflow.flow.adaptation": how})
+                for (c, how), n in list(stats.adaptations.items())
+            ]
+
+        def breaker_state(_: CallbackOptions) -> list[Observation]:
+            from runner.flow.stats import BREAKER_STATES
+
+            stats = gauges.flow
+            if stats is None:
+                return []
+            return [
+                Observation(BREAKER_STATES.get(state, 0), {"workflow.connection": c})
+                for c, state in list(stats.breaker.items())
+            ]
+
+        meter.create_observable_counter(
+            "workflow.flow.wait",
+            [flow_wait],
+            unit="ms",
+            description="Time steps waited for flow control (budget, slots, breaker), by reason.",
+        )
+        meter.create_observable_counter(
+            "workflow.flow.waits",
+            [flow_waits],
+            unit="{wait}",
+            description="Waits for flow control, by reason.",
+        )
+        meter.create_observable_counter(
+            "workflow.flow.adaptations",
+            [flow_adaptations],
+            unit="{answer}",
+            description="API answers that paused, lowered or backed off a connection's budget.",
+        )
+        meter.create_observable_gauge(
+            "workflow.flow.breaker.state",
+            [breaker_state],
+            unit="1",
+            description="Circuit breaker last seen per connection: 0 closed, 1 half-open, 2 open.",
         )
 
     def error_status(self, description: str) -> Status:

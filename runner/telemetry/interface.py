@@ -20,6 +20,10 @@ class AttemptSpan(Protocol):
         """The attempt failed with ``error_code``; ``retry_delay_ms`` is set when another
         attempt follows after that delay."""
 
+    def flow(self, connection: str, waited_ms: int, reason: str, probe: bool) -> None:
+        """The attempt went under flow control: what it waited for, how long, and whether it
+        is a circuit breaker's probe."""
+
     def headers(self) -> dict[str, str]:
         """The W3C trace context headers (``traceparent``, ``tracestate``) naming this attempt,
         to send with its request; empty when tracing is off."""
@@ -58,6 +62,9 @@ class Telemetry(Protocol):
     def bind_gauges(self, queue_counts: Any, active: Any, free_slots: Any) -> None:
         """What the gauges read: a mapping state → count kept fresh by the caller, and two
         callables for the runs in flight and the free slots."""
+
+    def bind_flow(self, stats: Any) -> None:
+        """What the flow control instruments read: a ``runner.flow.stats.FlowStats``."""
 
     def prometheus_text(self) -> tuple[bytes, str] | None:
         """The Prometheus exposition of every instrument and its content type; ``None`` when
@@ -110,6 +117,9 @@ class _NoopSpan:
     def error(self, error_code: str, retry_delay_ms: int | None) -> None:
         return None
 
+    def flow(self, connection: str, waited_ms: int, reason: str, probe: bool) -> None:
+        return None
+
     def end(self, status: str, *args: Any) -> None:
         return None
 
@@ -138,6 +148,9 @@ class _NoopTelemetry:
         return None
 
     def bind_gauges(self, queue_counts: Any, active: Any, free_slots: Any) -> None:
+        return None
+
+    def bind_flow(self, stats: Any) -> None:
         return None
 
     def prometheus_text(self) -> tuple[bytes, str] | None:

@@ -191,6 +191,9 @@ class SdkTelemetry:
         gauges.active = active
         gauges.free_slots = free_slots
 
+    def bind_flow(self, stats: Any) -> None:
+        self._otel.gauges.flow = stats
+
     def prometheus_text(self) -> tuple[bytes, str] | None:
         if self._registry is None:
             return None

@@ -204,6 +204,16 @@ class _OtelAttempt(_Scope):
         if status_code >= 400:
             self._fail(span, str(status_code))
 
+    def flow(self, connection: str, waited_ms: int, reason: str, probe: bool) -> None:
+        span = self._span
+        assert span is not None
+        span.set_attribute("workflow.flow.connection", connection)
+        span.set_attribute("workflow.flow.wait_ms", waited_ms)
+        if waited_ms:
+            span.set_attribute("workflow.flow.wait_reason", reason)
+        if probe:
+            span.set_attribute("workflow.flow.breaker_probe", True)
+
     def error(self, error_code: str, retry_delay_ms: int | None) -> None:
         span = self._span
         assert span is not None

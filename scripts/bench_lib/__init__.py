@@ -1,4 +1,4 @@
-"""scripts/bench: the runner against its baselines on one machine (issue 10).
+"""scripts/bench: the runner against its baselines on one machine (docs/performance.md).
 
 Not part of the runner package and never imported by it. Modules:
 - ``cli``: arguments, the interleaved rounds, the output;

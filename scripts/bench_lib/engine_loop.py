@@ -37,7 +37,7 @@ from runner.queue.keys import Keys
 from runner.redact import Redactor
 from runner.reporting.execlog import ExecutionLog
 from runner.reporting.execlog.memory import MemoryExecutionLog
-from runner.reporting.status import RunReporter
+from runner.reporting.reporter import RunReporter
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
 

@@ -6,7 +6,7 @@ few percent, which timing cannot resolve here, shows in it.
         [--runs 100,300] [--top 25] [--python PATH]
 
 It runs the loop (``bench_lib.engine_loop`` or ``bench_lib.reporting_loop``, from the current
-directory's ``runner``: a ``scripts/compile`` tree measures the compiled build) under callgrind
+directory's ``runner``, so a worktree of another revision measures that one) under callgrind
 twice, at two sizes, and divides the difference by the runs between them, so start-up (imports,
 the definition's compilation) drops out. ``--top`` lists the C functions (the interpreter's,
 the extensions') that the extra runs spent their instructions in. Needs valgrind (Debian:

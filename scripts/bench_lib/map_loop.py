@@ -27,7 +27,7 @@ from runner.engine.run import Engine
 from runner.http.messages import HttpRequest, HttpResponse
 from runner.queue.keys import Keys
 from runner.redact import Redactor
-from runner.reporting.status import RunReporter
+from runner.reporting.reporter import RunReporter
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
 

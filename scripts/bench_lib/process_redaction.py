@@ -1,4 +1,4 @@
-"""The process-wide redaction under runs that come and go: what ``SECRETS.redactor()`` costs
+"""The process-wide redaction under runs that come and go: what the process registry's ``redactor()`` costs
 when every run registers its credentials at its start and drops them at its end. It scrubs the
 process's own log lines, every event of an OAuth2 run (a refreshed token joins it) and, until
 2026-11-26, every execution-log document (now scrubbed by the run's own redactor). Measured on
@@ -93,7 +93,7 @@ def _loop(runs: int, shared_key: bool, via_process: bool) -> float:
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     print(f"{IN_FLIGHT} runs in flight, {runs} runs, 8 execution-log documents each")
-    print("| secrets | the run's own redactor, µs/run | SECRETS.redactor(), µs/run | ratio |")
+    print("| secrets | the run's own redactor, µs/run | registry.redactor(), µs/run | ratio |")
     print("|---|---|---|---|")
     for shared_key, label in ((False, "a key per run"), (True, "one key for all runs")):
         own = min(_loop(runs, shared_key, via_process=False) for _ in range(3))

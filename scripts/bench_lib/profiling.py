@@ -163,7 +163,7 @@ def _package(frame: str) -> str:
     where = frame.partition(" (")[2].rstrip(")")
     parts = where.split("/")
     if parts[0] == "runner" and len(parts) > 1:
-        return "runner/" + parts[1]  # a subpackage, or a top-level module such as redact.py
+        return "runner/" + parts[1]  # a subpackage, or a top-level module such as runs.py
     return parts[0] if len(parts) > 1 else where.removesuffix(".py")
 
 

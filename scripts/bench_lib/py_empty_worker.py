@@ -1,7 +1,8 @@
 """The stock Python ``bullmq`` Worker with an empty processor: the queue's own cost per job.
 
 Env: REDIS_URL, QUEUE, PREFIX (bull), CONCURRENCY (50). Runs until SIGTERM. The connection
-gets ``socket_timeout`` 30 s (FIELD-NOTES: the 5 s default makes idle pickup late).
+gets ``socket_timeout`` 30 s: redis-py's 5 s default is below BullMQ's 10 s blocking read,
+which makes idle pickup late.
 """
 
 from __future__ import annotations

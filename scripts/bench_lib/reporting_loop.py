@@ -1,5 +1,5 @@
 """The reporting path of W3 in a loop of its own: what the runner's status reporting costs per
-run without any I/O, the number ``docs/performance.md`` quotes.
+run without any I/O, the number ``docs/dev/performance-notebook.md`` quotes.
 
     PYTHONPATH=scripts .venv/bin/python -m bench_lib.reporting_loop [runs]
 
@@ -23,7 +23,7 @@ import uvloop
 from runner.engine.ports import StepResult, SystemClock
 from runner.queue.keys import Keys
 from runner.redact import Redactor
-from runner.reporting.status import RunReporter
+from runner.reporting.reporter import RunReporter
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import RedisStatusSink
 from runner.resp import pack

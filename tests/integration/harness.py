@@ -5,8 +5,10 @@
 
 - ``HttpTransport`` over a real aiohttp session from ``make_session`` (``GuardedResolver`` in
   the connector) and an ``EgressPolicy`` that by default allows ``127.0.0.0/8`` only;
-- ``RecordingClock``: the system clock, which really sleeps, and also records each sleep asked;
-- ``RunReporter`` over ``MemoryStatusSink``, a recording job channel and ``MemoryExecutionLog``.
+- ``RecordingClock`` (``runner.testing``): the system clock, which really sleeps, and also
+  records each sleep asked;
+- ``RunReporter`` over ``MemoryStatusSink`` and ``MemoryExecutionLog``, wired by the test kit
+  (``runner.testing.engine_run``) as every in-memory run is.
 
 It returns a ``RunRecord``: the outcome, the decoded status events, the job log lines, the
 progress values and the execution-log documents, plus the requested sleeps and the wall time.
@@ -29,15 +31,11 @@ from aiohttp import web
 
 from runner.contract import decode_workflow_version
 from runner.engine.plan import compile_plan
-from runner.engine.ports import RunContext, SystemClock
-from runner.engine.run import Engine, RunOutcome
+from runner.engine.run import RunOutcome
 from runner.http.client import HttpTransport, make_session
 from runner.http.egress import EgressPolicy
 from runner.http.oauth2 import OAuth2TokenManager
-from runner.redact import Redactor
-from runner.reporting.execlog import MemoryExecutionLog
-from runner.reporting.status import RunReporter
-from runner.reporting.stream import MemoryStatusSink
+from runner.testing import RecordingClock, engine_run
 
 RUN_ID = "run_it_1"
 TENANT_ID = "ten_it"
@@ -82,25 +80,6 @@ def version(
 
 
 # --- the runner side ------------------------------------------------------------------------
-
-
-class RecordingClock:
-    """The system clock (it really sleeps) that also records every sleep the engine asks for.
-    It wraps the clock rather than subclass it: compiled, ``SystemClock`` is a native class."""
-
-    def __init__(self) -> None:
-        self.sleeps_s: list[float] = []
-        self._clock = SystemClock()
-
-    def now_ms(self) -> int:
-        return self._clock.now_ms()
-
-    async def sleep(self, delay_s: float) -> None:
-        self.sleeps_s.append(delay_s)
-        await self._clock.sleep(delay_s)
-
-    def random(self) -> float:
-        return self._clock.random()
 
 
 @dataclass
@@ -163,45 +142,28 @@ async def run_workflow(
             max_response_bytes=max_response_bytes,
             follow_redirects=follow_redirects,
         )
-        sink = MemoryStatusSink()
-        job = sink.job(run_id)
-        redactor = Redactor()
-        execlog = MemoryExecutionLog(redact=redactor.value)
-        reporter = RunReporter(
+        running, setup = engine_run(
+            plan,
+            transport,
+            clock,
             run_id=run_id,
             tenant_id=TENANT_ID,
-            version_id=plan.id,
-            job_id=run_id,
-            worker_id="it-worker",
-            total_steps=len(plan.steps),
-            sink=sink,
-            execlog=execlog,
-            redact=redactor,
-            now_ms=clock.now_ms,
-        )
-        started_ms = clock.now_ms()
-        timeout_ms = deadline_in_ms if deadline_in_ms is not None else plan.version.timeout_ms
-        ctx = RunContext(
-            job_id=run_id,
-            run_id=run_id,
-            tenant_id=TENANT_ID,
-            version_id=plan.id,
             input=dict(run_input or {}),
-            started_ms=started_ms,
-            deadline_ms=started_ms + timeout_ms,
+            deadline_in_ms=deadline_in_ms,
+            step_parallelism=step_parallelism,
         )
         began = time.monotonic()
-        engine = Engine(transport, clock, step_parallelism=step_parallelism)
-        outcome = await engine.run(plan, ctx, reporter)
+        outcome = await running
         elapsed_s = time.monotonic() - began
     finally:
         await session.close()
+    job = setup.sink.job(run_id)
     return RunRecord(
         outcome=outcome,
-        events=[json.loads(raw) for raw in sink.events],
+        events=[json.loads(raw) for raw in setup.sink.events],
         job_log=job.lines,
         progress=job.progress_values,
-        exec_docs=execlog.for_run(run_id),
+        exec_docs=setup.execlog.for_run(run_id),
         sleeps_s=clock.sleeps_s,
         elapsed_s=elapsed_s,
     )

@@ -11,6 +11,7 @@ import pytest
 from runner.contract import Connection, ConnectionConfig
 from runner.errors import AuthError, CredentialsError, ErrorCode
 from runner.http.auth import (
+    ALWAYS_CREDENTIAL_HEADERS,
     ApiKeyAuth,
     Auth,
     BasicAuth,
@@ -18,6 +19,7 @@ from runner.http.auth import (
     OAuth2Auth,
     TokenNeeded,
     build_auth,
+    credential_names,
     secret_values,
     send_with_auth,
     sensitive_names,
@@ -365,3 +367,37 @@ def test_sealed_tokens_round_trip_only_in_their_own_context() -> None:
 def test_redis_keys_carry_prefix_tenant_and_connection() -> None:
     assert lease_key("bull:workflow-runs", "t", "c") == "bull:workflow-runs:oauth2:t:c:lease"
     assert token_key("bull:workflow-runs", "t", "c") == "bull:workflow-runs:oauth2:t:c:token"
+
+
+# --- what each adapter names as credentials (the redirect follower strips these) ------------
+
+
+@pytest.mark.parametrize(
+    ("adapter", "headers", "query"),
+    [
+        (ApiKeyAuth("X-API-Key", "k", "header"), {"x-api-key"}, set()),
+        (ApiKeyAuth("api_key", "k", "query"), set(), {"api_key"}),
+        (BasicAuth("u", "p"), {"authorization"}, set()),
+        (CustomHeaderAuth({"X-Tenant": "t", "X-Sig": "s"}), {"x-tenant", "x-sig"}, set()),
+        (OAuth2Auth(NoTokens(), "ten", connection("OAUTH2", {})), {"authorization"}, set()),
+    ],
+)
+def test_every_adapter_names_what_its_flow_sets(
+    adapter: Auth, headers: set[str], query: set[str]
+) -> None:
+    names = credential_names(adapter)
+
+    assert names.headers == ALWAYS_CREDENTIAL_HEADERS | headers
+    assert names.query == query
+    if adapter.static:
+        # And stripping those names takes off everything the flow put on.
+        assert names.strip(adapter.prepare(REQUEST)) == REQUEST
+
+
+def test_stripping_keeps_what_is_not_a_credential() -> None:
+    request = REQUEST.with_header("Accept", "application/json").with_header("Cookie", "sid=1")
+
+    stripped = credential_names(None).strip(request)
+
+    assert stripped.headers == {"Accept": "application/json"}
+    assert stripped.query == REQUEST.query

@@ -4,20 +4,26 @@ No sockets."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from runner.contract import (
+    Action,
     JobData,
+    Paginate,
+    Step,
     _located,
     decode_credentials,
     decode_job_data,
     decode_workflow_version,
     path_of,
 )
+from runner.engine.pagination import PageLimits
 from runner.errors import CredentialsError, DefinitionError, ErrorCode, PayloadError
+from runner.settings import Settings
 
 JOB: dict[str, Any] = {
     "workflowRunId": "run_8f2c",
@@ -314,3 +320,103 @@ def test_given_a_path_without_a_mapping_key_then_it_is_left_as_it_is() -> None:
     assert _located("$.input: expected object, got int", {"input": 1}, dict) == (
         "$.input: expected object, got int"
     )
+
+
+# --- pagination (docs/contract.md "Pagination") --------------------------------------------
+
+
+def _pagination_section() -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    return text[text.index("## Pagination") :]
+
+
+def test_the_pagination_section_names_every_paginate_field_stop_and_setting() -> None:
+    section = _pagination_section()
+    for name in Paginate.__struct_encode_fields__:
+        assert f"`{name}`" in section, name
+    for stop in (
+        "end",
+        "emptyPage",
+        "shortPage",
+        "stopPath",
+        "hasMorePath",
+        "maxPages",
+        "maxItems",
+        "maxBytes",
+    ):
+        assert f"`{stop}`" in section, stop
+    assert "`PAGINATION_LIMIT`" in section and ErrorCode.PAGINATION_LIMIT == "PAGINATION_LIMIT"
+    output = '{"status": <last page\'s status>, "items": [...], "pages": n, "itemCount": n,'
+    assert output in section
+    assert "`{workflowRunId}:{stepKey}:page:{n}`" in section
+    assert "`page:{key}`" in section and "`page:{key}:{n}`" in section
+    defaults, limits = Settings(), PageLimits()
+    assert (defaults.paginate_max_pages, limits.max_pages) == (1000, 1000)
+    assert (defaults.paginate_max_items, limits.max_items) == (100_000, 100_000)
+    assert defaults.paginate_max_bytes == limits.max_bytes == 16 * 1024 * 1024
+    assert defaults.paginate_checkpoint_bytes == limits.checkpoint_bytes == 1024 * 1024
+    assert "`RUNNER_PAGINATE_MAX_PAGES` (1000)" in section
+    assert "`RUNNER_PAGINATE_CHECKPOINT_BYTES` (1 MiB)" in section
+
+
+def test_paginate_is_on_the_action_and_the_step_and_forbids_unknown_fields() -> None:
+    assert Action.__struct_fields__.count("paginate") == 1
+    assert Step.__struct_fields__.count("paginate") == 1
+    assert Paginate.__struct_config__.forbid_unknown_fields
+
+
+# --- flow control (docs/contract.md "Flow control") ----------------------------------------
+
+
+def _flow_section() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    return text[text.index("## Flow control") :]
+
+
+def test_the_documented_flow_control_config_decodes_as_documented() -> None:
+    section = _flow_section()
+    example = section[section.index("```json") + len("```json") : section.index("```\n", 10)]
+    config = json.loads("{" + example.strip() + "}")["config"]
+    version = {
+        **VERSION,
+        "connections": {"c": {"id": "c", "type": "NONE", "config": config}},
+    }
+    c = decode_workflow_version(version).connections["c"].config
+    assert c.rate_limit is not None
+    assert (c.rate_limit.requests, c.rate_limit.per_ms, c.rate_limit.burst) == (20, 1000, 5)
+    assert c.max_concurrency == 10
+    assert c.tenant_limits is not None and c.tenant_limits.max_concurrency == 2
+    assert c.tenant_limits.fair_share and c.tenant_limits.active_window_ms == 10_000
+    assert c.circuit_breaker is not None
+    assert (c.circuit_breaker.failures, c.circuit_breaker.cool_down_ms) == (5, 10_000)
+    assert c.circuit_breaker.when_open == "WAIT"
+
+
+def test_the_documented_defaults_and_error_code_are_the_code_s() -> None:
+    from runner.contract import CircuitBreaker, RateLimit, TenantLimits
+
+    section = _flow_section()
+    assert RateLimit(requests=1, per_ms=1).burst == 1
+    assert TenantLimits().fair_share is True
+    assert "`CIRCUIT_OPEN`" in section and ErrorCode.CIRCUIT_OPEN == "CIRCUIT_OPEN"
+    assert CircuitBreaker().when_open == "WAIT"
+    for reason in ("rate", "tenant-rate", "paused", "concurrency", "circuit-open"):
+        assert f"`{reason}`" in section
+    message = '$.connections["c"].config.rateLimit.requests: expected int >= 1'
+    assert message in section
+    with pytest.raises(DefinitionError) as info:
+        decode_workflow_version(
+            {
+                **VERSION,
+                "connections": {
+                    "c": {
+                        "id": "c",
+                        "type": "NONE",
+                        "config": {"rateLimit": {"requests": 0, "perMs": 1}},
+                    }
+                },
+            }
+        )
+    assert info.value.message == message

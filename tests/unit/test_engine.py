@@ -6,133 +6,35 @@ one deadline test, which needs a real (0.2 s) deadline to pass."""
 from __future__ import annotations
 
 import asyncio
-import json
-from collections import defaultdict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import pytest
 
-from runner.contract import Connection, decode_workflow_version
+from runner.contract import decode_workflow_version
 from runner.engine.plan import Plan, compile_plan
-from runner.engine.ports import RunContext, StepResult
-from runner.engine.run import Engine, RunOutcome
-from runner.errors import ErrorCode, RunnerError, StepHTTPError, TransportError
-from runner.http.messages import HttpRequest, HttpResponse
-from runner.redact import Redactor
+from runner.engine.ports import StepResult
+from runner.engine.run import RunOutcome
+from runner.errors import ErrorCode, StepHTTPError, TransportError
 from runner.reporting.execlog import MemoryExecutionLog
-from runner.reporting.status import RunReporter
-from runner.reporting.stream import JobView, MemoryStatusSink
+from runner.reporting.stream import MemoryStatusSink
+from runner.testing import (
+    T0_MS,
+    After,
+    FakeClock,
+    FakeTransport,
+    Hang,
+    MemoryRun,
+    engine_run,
+    json_reply,
+)
 
 RUN = "run_1"
-T0 = 1_795_608_000_000
+T0 = T0_MS
 API = "https://api.test"
 # Every run is bounded so that an engine bug fails the test instead of hanging it.
 RUN_LIMIT_S = 5.0
-
-
-# --- fakes --------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """Fixed time that moves only when the engine sleeps; sleeps return at once."""
-
-    def __init__(self, now_ms: int = T0, random_value: float = 0.5) -> None:
-        self.now = now_ms
-        self.sleeps_s: list[float] = []
-        self.random_value = random_value
-
-    def now_ms(self) -> int:
-        return self.now
-
-    async def sleep(self, delay_s: float) -> None:
-        self.sleeps_s.append(delay_s)
-        self.now += round(delay_s * 1000)
-        await asyncio.sleep(0)
-
-    def random(self) -> float:
-        return self.random_value
-
-
-class Hang:
-    """A reply that never comes: the request stays in flight until it is cancelled."""
-
-
-@dataclass
-class After:
-    """Reply with ``reply`` once ``event`` is set (at most ``limit_s``, so a bug cannot hang)."""
-
-    event: asyncio.Event
-    reply: Any
-    limit_s: float = 2.0
-
-
-Reply = HttpResponse | RunnerError | Hang | After
-
-
-@dataclass
-class FakeTransport:
-    """Canned replies per URL, used in order; the last one repeats."""
-
-    routes: dict[str, list[Reply]] = field(default_factory=dict)
-    sent: list[HttpRequest] = field(default_factory=list)
-    timeouts_s: list[float] = field(default_factory=list)
-    connections: list[Connection | None] = field(default_factory=list)
-    cancelled: list[str] = field(default_factory=list)
-    _calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    _sent_events: dict[str, asyncio.Event] = field(default_factory=dict)
-
-    def route(self, url: str, *replies: Reply) -> FakeTransport:
-        self.routes[url] = list(replies)
-        return self
-
-    def was_sent(self, url: str) -> asyncio.Event:
-        return self._sent_events.setdefault(url, asyncio.Event())
-
-    def urls(self) -> list[str]:
-        return [r.url for r in self.sent]
-
-    async def send(
-        self,
-        request: HttpRequest,
-        *,
-        connection: Connection | None,
-        tenant_id: str,
-        timeout_s: float,
-    ) -> HttpResponse:
-        assert tenant_id == "ten_1"
-        self.sent.append(request)
-        self.timeouts_s.append(timeout_s)
-        self.connections.append(connection)
-        self.was_sent(request.url).set()
-        replies = self.routes.get(request.url)
-        assert replies, f"no route for {request.url}"
-        reply = replies[min(self._calls[request.url], len(replies) - 1)]
-        self._calls[request.url] += 1
-        try:
-            return await self._answer(reply)
-        except asyncio.CancelledError:
-            self.cancelled.append(request.url)
-            raise
-
-    async def _answer(self, reply: Reply) -> HttpResponse:
-        if isinstance(reply, After):
-            await asyncio.wait_for(reply.event.wait(), reply.limit_s)
-            return await self._answer(reply.reply)
-        if isinstance(reply, Hang):
-            await asyncio.Event().wait()
-        if isinstance(reply, RunnerError):
-            raise reply
-        assert isinstance(reply, HttpResponse)
-        return reply
-
-
-def json_reply(status: int = 200, body: Any = None) -> HttpResponse:
-    return HttpResponse(
-        status, {"content-type": "application/json"}, msgspec.json.encode(body or {})
-    )
 
 
 # --- building runs ------------------------------------------------------------------------
@@ -163,28 +65,7 @@ def plan_of(
     return compile_plan(decode_workflow_version(raw))
 
 
-@dataclass
-class Run:
-    outcome: RunOutcome
-    sink: MemoryStatusSink
-    job: JobView
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.sink.events]
-
-    def step_events(self, key: str) -> list[tuple[str, int]]:
-        return [(e["status"], e["attempt"]) for e in self.events() if e.get("stepKey") == key]
-
-    def timeline(self) -> list[tuple[str | None, str]]:
-        return [(e.get("stepKey"), e["status"]) for e in self.events()]
-
-    def status_of(self, key: str) -> str:
-        return self.outcome.steps[key].status
-
-    def error_of(self, key: str) -> RunnerError:
-        error = self.outcome.steps[key].error
-        assert error is not None
-        return error
+Run = MemoryRun
 
 
 def start(
@@ -199,35 +80,18 @@ def start(
     last_seq: int = 0,
 ) -> tuple[Coroutine[Any, Any, RunOutcome], MemoryStatusSink]:
     """The engine's run of ``plan``, not yet awaited, and the sink it reports to."""
-    clock = clock or FakeClock()
-    sink = MemoryStatusSink()
-    restored = restored or {}
-    reporter = RunReporter(
+    running, setup = engine_run(
+        plan,
+        transport,
+        clock or FakeClock(),
         run_id=RUN,
-        tenant_id="ten_1",
-        version_id="wfv_1",
-        job_id=RUN,
-        worker_id="w1",
-        total_steps=len(plan.steps),
-        sink=sink,
-        execlog=MemoryExecutionLog(),
-        redact=Redactor(),
-        now_ms=clock.now_ms,
-        last_seq=last_seq,
-        completed_steps=len(restored),
-    )
-    ctx = RunContext(
-        job_id=RUN,
-        run_id=RUN,
-        tenant_id="ten_1",
-        version_id="wfv_1",
-        input=input if input is not None else {},
-        started_ms=clock.now_ms(),
-        deadline_ms=clock.now_ms() + deadline_in_ms,
+        input=input,
+        deadline_in_ms=deadline_in_ms,
         restored=restored,
         cancel=cancel,
+        last_seq=last_seq,
     )
-    return Engine(transport, clock).run(plan, ctx, reporter), sink
+    return running, setup.sink
 
 
 async def run(
@@ -235,7 +99,8 @@ async def run(
 ) -> Run:
     running, sink = start(plan, transport, clock, **kw)
     outcome = await asyncio.wait_for(running, RUN_LIMIT_S)
-    return Run(outcome, sink, sink.job(RUN))
+    assert set(transport.tenants) <= {"ten_1"}
+    return MemoryRun(RUN, outcome, sink, MemoryExecutionLog())
 
 
 def assert_seq_rises(r: Run, first: int = 1) -> None:

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from runner.log import log
 from runner.queue.worker import QueueWorker
-from runner.redact import SECRETS
+from runner.redact import SecretRegistry
 from runner.reporting.execlog.documents import LogLine, build_document
 from runner.settings import Settings
 from runner.telemetry import SdkTelemetry
@@ -29,6 +29,10 @@ RUN_ARGS: dict[str, Any] = {
     "job_id": "run_1",
     "queue_wait_ms": None,
 }
+
+
+# The process's registry, as the composition root hands it to the logger.
+SECRETS = SecretRegistry()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from runner.contract import decode_workflow_version
-from runner.engine.plan import Plan, compile_plan
+from runner.engine.plan import Plan, Problems, compile_plan, plan_or_problems
 from runner.errors import DefinitionError, ErrorCode
 from runner.templating import Const, Whole
 
@@ -213,3 +213,39 @@ def test_given_a_zero_step_timeout_when_compiled_then_it_is_refused() -> None:
     message = definition_error([step("a", timeoutMs=0)])
 
     assert message == "$.graph.steps[0].timeoutMs: must be above 0"
+
+
+def test_compiling_names_every_problem_in_one_pass_and_a_run_fails_with_the_first() -> None:
+    # Given a definition with five problems in three steps and a schema
+    raw = {
+        "id": "wfv_1",
+        "graph": {
+            "steps": [
+                step("a", input={"body": {"x": "{{ nope.x }}", "y": "{{ steps..z }}"}}),
+                step("a", dependsOn=["ghost"]),
+                step("c", actionId="nope", extract={"v": "$[?("}),
+            ]
+        },
+        "actions": ACTIONS,
+        "parameterSchema": {"type": "object", "properties": {"n": {"pattern": "(a"}}},
+    }
+    version = decode_workflow_version(raw)
+    problems = Problems()
+
+    # When it is compiled in collecting mode, and as a run compiles it
+    assert plan_or_problems(version, problems) is None
+    with pytest.raises(DefinitionError) as info:
+        compile_plan(version)
+
+    # Then each problem is named at its place, and the run's error is the first of them
+    where = [m.split(":", 1)[0] for m in problems.messages]
+    assert where == [
+        "$.graph.steps[0].input.body.x",
+        "$.graph.steps[0].input.body.y",
+        "$.graph.steps[1].key",
+        "$.graph.steps[1].dependsOn",
+        "$.graph.steps[2].actionId",
+        "$.graph.steps[2].extract.v",
+        "$.parameterSchema",
+    ]
+    assert info.value.message == problems.messages[0]

@@ -20,11 +20,9 @@ from yarl import URL
 from runner.redact import (
     MIN_SUBSTRING_LEN,
     REDACTED,
-    SECRETS,
     LayeredRedactor,
     Redactor,
     SecretRegistry,
-    redact_exception_text,
 )
 
 PASSWORD = "s3cr3t P@ss/wörd+&="
@@ -255,7 +253,7 @@ def test_client_response_error_text_and_repr_are_redacted() -> None:
         {"Authorization": "Bearer unregistered-token", "X-API-Key": API_KEY},
     )
 
-    text = redact_exception_text(exc, redactor=REDACTOR)
+    text = REDACTOR.exception_text(exc)
     as_repr = REDACTOR.text(repr(exc))
 
     assert text.startswith("ClientResponseError: 500, message='Internal Server Error'")
@@ -268,7 +266,7 @@ def test_invalid_url_error_is_redacted() -> None:
     try:
         raise aiohttp.InvalidURL(f"http//bob:pw@host/x?apikey={API_KEY}", "no scheme")
     except aiohttp.InvalidURL as exc:
-        text = redact_exception_text(exc, redactor=REDACTOR, with_traceback=True)
+        text = REDACTOR.exception_text(exc, with_traceback=True)
 
     assert API_KEY not in text
     assert "InvalidURL" in text and "no scheme" in text
@@ -279,7 +277,7 @@ def test_yarl_error_text_is_redacted() -> None:
         URL.build(scheme="https", host=f"{API_KEY} .example")
     assert API_KEY in str(caught.value)  # yarl quotes the host it refuses
 
-    assert API_KEY not in redact_exception_text(caught.value, redactor=REDACTOR)
+    assert API_KEY not in REDACTOR.exception_text(caught.value)
 
 
 # --- the process-wide registry ---------------------------------------------------------------
@@ -301,12 +299,13 @@ def test_registry_masks_secrets_of_every_run_in_flight_until_unregistered() -> N
     assert after.text("run-one-secret run-two-secret") == f"run-one-secret {REDACTED}"
 
 
-def test_default_exception_redaction_uses_the_global_registry() -> None:
-    handle = SECRETS.register(["global-registry-secret"])
+def test_the_registry_redactor_masks_exception_text_of_a_run_in_flight() -> None:
+    registry = SecretRegistry()
+    handle = registry.register(["global-registry-secret"])
     try:
-        text = redact_exception_text(RuntimeError("boom global-registry-secret"))
+        text = registry.redactor().exception_text(RuntimeError("boom global-registry-secret"))
     finally:
-        SECRETS.unregister(handle)
+        registry.unregister(handle)
 
     assert text == f"RuntimeError: boom {REDACTED}"
 

@@ -18,7 +18,7 @@ from runner.log import LEVELS, log
 from runner.redact import REDACTED, Redactor
 from runner.reporting.checkpoint import parse_checkpoint
 from runner.reporting.execlog import MemoryExecutionLog
-from runner.reporting.status import PREVIEW_LIMIT_BYTES, RunReporter, preview
+from runner.reporting.reporter import PREVIEW_LIMIT_BYTES, RunReporter, preview
 from runner.reporting.stdout_log import StdoutExecutionLog
 from runner.reporting.stream import JobView, MemoryStatusSink, Transition
 from runner.retry import RetryDecision
@@ -637,3 +637,63 @@ async def test_given_a_log_that_knows_no_secret_when_a_run_logs_then_the_run_mas
     assert len(h.execlog.documents) >= 2
     assert SECRET not in documents
     assert REDACTED in documents
+
+
+# --- a paginated step's pages ----------------------------------------------------------------
+
+
+async def test_given_pages_when_reported_then_each_is_checkpointed_redacted_without_an_event() -> (
+    None
+):
+    from runner.engine.pagination import Progress
+
+    h = harness()
+    await h.reporter.run_started(T0)
+    await h.reporter.step_running("list", 1, T0)
+    h.sink.runs[RUN]["resume:list"] = b"2"  # a hand-back's attempt for the page now done
+    events_before = len(h.sink.events)
+    first = Progress(pages=1, items=2, position="c2", status=200)
+    saved = await h.reporter.page_done("list", first, [1, {"t": SECRET}], save_within=1000)
+    second = msgspec.structs.replace(first, pages=2, items=3, saved_bytes=saved or 0)
+    saved2 = await h.reporter.page_done("list", second, [3], save_within=1000)
+
+    assert len(h.sink.events) == events_before  # no status event per page
+    cp = h.checkpoint()
+    assert "resume:list" not in cp
+    assert json.loads(cp["page:list:1"]) == [1, {"t": REDACTED}]
+    assert json.loads(cp["page:list:2"]) == [3]
+    state = json.loads(cp["page:list"])
+    assert (state["pages"], state["position"], state["savedBytes"]) == (2, "c2", saved2)
+    assert saved2 == len(cp["page:list:1"]) + len(cp["page:list:2"])
+    assert [line.split(" ", 1)[1] for line in h.job.lines[-2:]] == [
+        "list page 1: 2 items (2 in all)",
+        "list page 2: 1 items (3 in all)",
+    ]
+    restored = parse_checkpoint(cp).pages["list"]
+    assert restored.items == [1, {"t": REDACTED}, 3] and restored.progress.pages == 2
+
+    # When the step ends, its pages leave the checkpoint with the result in one write
+    done = ok("list", output={"items": [1, 2, 3]})
+    done.saved_pages = 2
+    await h.reporter.step_done(done, 1)
+    assert not [k for k in h.checkpoint() if k.startswith("page:")]
+    assert "step:list" in h.checkpoint()
+
+
+async def test_given_pages_over_the_checkpoint_budget_then_the_last_that_fit_stays() -> None:
+    from runner.engine.pagination import Progress
+
+    h = harness()
+    await h.reporter.run_started(T0)
+    first = Progress(pages=1, items=1, position=1)
+    saved = await h.reporter.page_done("list", first, ["x" * 10], save_within=30)
+    assert saved is not None
+    second = Progress(pages=2, items=2, position=2, saved_bytes=saved)
+    assert await h.reporter.page_done("list", second, ["y" * 20], save_within=30) is None
+
+    cp = h.checkpoint()
+    assert json.loads(cp["page:list"])["pages"] == 1  # a resume continues after page 1
+    assert "page:list:2" not in cp
+    assert "not checkpointed" in h.job.lines[-1]
+    [warning] = [d for d in h.execlog.for_run(RUN) if d["level"] == "warning"]
+    assert "over the checkpoint's 30 bytes" in warning["message"]

@@ -514,3 +514,15 @@ def test_from_env_builds_the_service_resource(monkeypatch: pytest.MonkeyPatch) -
         assert named._tracer_provider.resource.attributes["service.name"] == "svc-env"
     finally:
         named.shutdown()
+
+
+def test_an_attempt_under_flow_control_says_what_it_waited_for(recorded: Recorded) -> None:
+    with recorded.telemetry.run_span(carrier_json=None, **RUN_ARGS) as run:
+        with run.step("a") as s, s.attempt("GET", "https://api.test/", 1) as attempt:
+            attempt.flow("crm", 1200, "paused", True)
+    (span,) = [s for s in recorded.spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    attrs = dict(span.attributes or {})
+    assert attrs["workflow.flow.connection"] == "crm"
+    assert attrs["workflow.flow.wait_ms"] == 1200
+    assert attrs["workflow.flow.wait_reason"] == "paused"
+    assert attrs["workflow.flow.breaker_probe"] is True

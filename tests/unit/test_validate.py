@@ -351,7 +351,43 @@ CATALOGUE: list[tuple[str, dict[str, Any], list[str]]] = [
             "refers to step 'create_ticket', which is not upstream of 'get_ticket'",
         ],
     ),
+    (
+        "paginate incomplete for its mode",
+        broken(lambda d: d["actions"]["act_get_customer"].update(paginate={"mode": "cursor"})),
+        ["$.actions.act_get_customer.paginate.cursorPath: required in mode cursor"],
+    ),
+    (
+        "paginate overridden by a step with a bad cap and path",
+        broken(
+            lambda d: (
+                d["actions"]["act_get_customer"].update(paginate={"mode": "page"}),
+                step(d, 0).update(paginate={"maxPages": 0}),
+                step(d, 2).update(paginate={"mode": "offset", "items": "rows"}),
+            )
+        ),
+        [
+            "$.graph.steps[0].paginate.maxPages: must be at least 1",
+            "$.graph.steps[2].paginate.items: JSONPath 'rows' must start with '$'",
+        ],
+    ),
+    (
+        "paginate field misspelt",
+        broken(lambda d: step(d, 0).update(paginate={"mode": "page", "maxpages": 3})),
+        ["$.graph.steps[0].paginate: object contains unknown field maxpages"],
+    ),
 ]
+
+
+def test_a_paginated_definition_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = broken(
+        lambda d: (
+            d["actions"]["act_get_customer"].update(
+                paginate={"mode": "cursor", "items": "$.data[*]", "cursorPath": "$.next"}
+            ),
+            step(d, 0).update(paginate={"maxPages": 3, "onLimit": "FAIL"}),
+        )
+    )
+    assert run_main(tmp_path, capsys, json.dumps(doc)) == (0, ["ok: 3 steps"])
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ from runner.http.oauth2.tokens import (
     needs_refresh,
     tokens_from_secrets,
 )
-from runner.redact import SECRETS, SecretRegistry
+from runner.redact import SecretRegistry
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class OAuth2TokenManager:
         lease_ms: int = 10_000,
         token_timeout_s: float = 10.0,
         on_warning: WarningHook | None = None,
-        secrets_registry: SecretRegistry | None = SECRETS,
+        secrets_registry: SecretRegistry | None = None,
     ) -> None:
         if credentials_key is not None and len(credentials_key) != 32:
             raise ValueError("credentials_key must be 32 bytes (AES-256)")

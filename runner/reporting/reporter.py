@@ -1,13 +1,18 @@
 """A run's status, told everywhere it is watched (CONTRACT §6-7).
 
-``RunReporter`` is the engine's ``Reporter``. For each transition it builds one ``Transition`` and awaits it: the status event with the
-run's checkpoint fields (the event's ``seq``, and for a finished step its result), BullMQ job
-progress (when a step or the run ends) and its ``job.log`` lines; ``runner.reporting.stream``
-writes it in one transaction, batched with other runs'. Execution-log lines go to their own
+``RunReporter`` is the engine's ``Reporter``. For each transition it builds one ``Transition``
+and awaits it: the status event with the run's checkpoint fields (the event's ``seq``, and for
+a finished step its result), BullMQ job progress (when a step or the run ends) and its
+``job.log`` lines; ``runner.reporting.stream`` writes it in one transaction, batched with other
+runs'. Execution-log lines go to their own
 buffered sink (MongoDB, stdout, or the in-memory twin).
 
 Everything passes through the run's redactor before it leaves the process. ``seq`` rises
 strictly within a run: the counter starts above the checkpoint's last published value.
+
+With ``hold_end``, the run's terminal event is built by ``run_done`` but written only by
+``write_end``: the job boundary (``runner.runs``) writes the one ending of a delivery once it
+knows how the job ends in BullMQ, and ``drop_end`` discards it when the job is retried instead.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from runner.contract import MapStepEvent, RunEvent, StepEvent
+from runner.contract import MapStepEvent, RunEvent, StepEvent, StepWaitEvent
+from runner.engine.pagination import Progress
 from runner.engine.ports import Attempt, ItemCounts, RunStatus, StepResult
 from runner.errors import RunnerError
 from runner.log import log
@@ -94,6 +100,7 @@ class RunReporter:
         now_ms: Callable[[], int],
         last_seq: int = 0,
         completed_steps: int = 0,
+        hold_end: bool = False,
     ) -> None:
         self.run_id = run_id
         self.tenant_id = tenant_id
@@ -114,6 +121,11 @@ class RunReporter:
         self.started_ms: int | None = None
         # The run's RUNNING transition, written with the first step's (see ``run_started``).
         self._held: Transition | None = None
+        self.hold_end = hold_end
+        # The terminal transition built by ``run_done`` under ``hold_end`` (with a RUNNING one
+        # still held before it), and whether a terminal event has been written.
+        self._ending: tuple[Transition, ...] = ()
+        self.ended = False
 
     # -- the engine's Reporter ------------------------------------------------------------
 
@@ -172,6 +184,37 @@ class RunReporter:
                 log_lines=lines,
                 keep_logs=self.keep_logs,
             )
+        )
+
+    async def step_waiting(
+        self, key: str, attempt: int, started_ms: int, reason: str, wait_ms: int, deferred: bool
+    ) -> None:
+        now = self.now_ms()
+        event = StepWaitEvent(
+            seq=self._next(),
+            workflow_run_id=self.run_id,
+            tenant_id=self.tenant_id,
+            workflow_version_id=self.version_id,
+            job_id=self.job_id,
+            step_key=key,
+            step_run_id=f"{self.run_id}:{key}",
+            status="RUNNING",
+            attempt=attempt,
+            at=now,
+            started_at=started_ms,
+            wait_reason=reason,
+            wait_until=now + wait_ms,
+            deferred=deferred,
+        )
+        how = "handed back to the queue" if deferred else "waiting"
+        text = f"{key} attempt {attempt} {how} {wait_ms} ms for {_WAIT_WORDS.get(reason, reason)}"
+        await self._publish(event, None, lines=(text,))
+        self._exec(
+            "info",
+            "waiting for flow control",
+            {"reason": reason, "waitMs": wait_ms, "deferred": deferred},
+            step_key=key,
+            attempt=attempt,
         )
 
     async def attempt_done(self, attempt: Attempt) -> None:
@@ -259,7 +302,16 @@ class RunReporter:
         progress = None if canceled else self._progress(result.key, result.status)
         if progress is not None and result.items is not None:
             progress["items"] = result.items.as_wire()
-        await self._publish(event, checkpoint, progress=progress, lines=(text,), embedded=embedded)
+        forget: tuple[str, ...] = ()
+        if result.saved_pages and result.status in ("SUCCESS", "FAILED", "SKIPPED"):
+            # The step's result holds what its pages did: their checkpoint is done with.
+            forget = (
+                f"page:{result.key}",
+                *(f"page:{result.key}:{n}" for n in range(1, result.saved_pages + 1)),
+            )
+        await self._publish(
+            event, checkpoint, progress=progress, lines=(text,), embedded=embedded, forget=forget
+        )
         level: Level = "error" if result.status == "FAILED" else "info"
         if level == "info" and not self._info_kept:
             return
@@ -281,6 +333,48 @@ class RunReporter:
             attempt=attempt or None,
         )
 
+    async def page_done(
+        self, key: str, progress: Progress, items: list[Any], *, save_within: int | None
+    ) -> int | None:
+        """A page of a paginated step that is not its last: a job-log line, and the page in the
+        checkpoint when its items fit ``save_within`` (``page:{key}:{n}``, then ``page:{key}``
+        saying where the step stands), written together, without a status event."""
+        text = f"{key} page {progress.pages}: {len(items)} items ({progress.items} in all)"
+        checkpoint = None
+        saved: int | None = None
+        if save_within is not None:
+            raw = self.redact.json(items)
+            if progress.saved_bytes + len(raw) <= save_within:
+                saved = progress.saved_bytes + len(raw)
+                state = msgspec.structs.replace(progress, saved_bytes=saved)
+                checkpoint = {
+                    f"page:{key}:{progress.pages}": raw,
+                    f"page:{key}": self.redact.json(state),
+                }
+            else:
+                text += (
+                    "; not checkpointed (RUNNER_PAGINATE_CHECKPOINT_BYTES): a resume starts over"
+                )
+                self.warn(
+                    f"{key}: the items of {progress.pages} pages are over the checkpoint's"
+                    f" {save_within} bytes: a resumed run fetches the pages after page"
+                    f" {progress.pages - 1} again",
+                    stepKey=key,
+                )
+        await self._write(
+            Transition(
+                self.run_id,
+                self.job_id,
+                checkpoint=checkpoint,
+                log_lines=(self._line(text),),
+                keep_logs=self.keep_logs,
+                # The attempt a hand-back left for a page is that page's: once it is done, a
+                # later delivery starts its next page at attempt 1.
+                forget=(f"resume:{key}",),
+            )
+        )
+        return saved
+
     async def run_done(
         self, status: RunStatus, error: RunnerError | None, steps: dict[str, StepResult]
     ) -> None:
@@ -291,30 +385,47 @@ class RunReporter:
             failed = next((k for k, s in steps.items() if s.status == "FAILED"), None)
             progress = self._progress(failed, status)
         summary = {k: {"status": s.status, "attempts": s.attempts} for k, s in steps.items()}
-        await self._publish(
-            RunEvent(
-                seq=self._next(),
-                workflow_run_id=self.run_id,
-                tenant_id=self.tenant_id,
-                workflow_version_id=self.version_id,
-                job_id=self.job_id,
-                status=status,  # type: ignore[arg-type]  # never DEFERRED: the engine reports only final states
-                at=now,
-                started_at=self.started_ms,
-                finished_at=now,
-                output={"steps": summary},
-                error_code=str(error.code) if error else None,
-                error_message=error.message if error else None,
-            ),
-            None,
-            progress=progress,
-            lines=(f"run {status}" + (f": {error}" if error else ""),),
+        event = RunEvent(
+            seq=self._next(),
+            workflow_run_id=self.run_id,
+            tenant_id=self.tenant_id,
+            workflow_version_id=self.version_id,
+            job_id=self.job_id,
+            status=status,  # type: ignore[arg-type]  # never DEFERRED: the engine reports only final states
+            at=now,
+            started_at=self.started_ms,
+            finished_at=now,
+            output={"steps": summary},
+            error_code=str(error.code) if error else None,
+            error_message=error.message if error else None,
         )
+        lines = (f"run {status}" + (f": {error}" if error else ""),)
+        if self.hold_end:
+            ending = self._transition(event, None, progress=progress, lines=lines)
+            held, self._held = self._held, None
+            self._ending = (held, ending) if held is not None else (ending,)
+        else:
+            await self._publish(event, None, progress=progress, lines=lines)
+            self.ended = True
         self._exec(
             "error" if status == "FAILED" else "info",
             f"run {status}",
             {"error": str(error) if error else None},
         )
+
+    async def write_end(self) -> None:
+        """Write the terminal event ``run_done`` built under ``hold_end`` (no-op without one)."""
+        ending, self._ending = self._ending, ()
+        if ending:
+            await self.sink.write(*ending)
+            self.ended = True
+
+    def drop_end(self) -> None:
+        """Forget a held terminal event (the job is retried, or ends otherwise); a RUNNING
+        event held with it is held again."""
+        if len(self._ending) == 2:
+            self._held = self._ending[0]
+        self._ending = ()
 
     def warn(self, message: str, **context: Any) -> None:
         self._exec("warning", message, context, step_key=context.get("stepKey"))
@@ -391,13 +502,16 @@ class RunReporter:
         progress: dict[str, Any] | None = None,
         lines: tuple[str, ...] = (),
         embedded: bytes | None = None,
+        forget: tuple[str, ...] = (),
     ) -> Awaitable[None]:
         """Write one transition. Not a coroutine, nor is ``_write``: the caller awaits the
         sink's write directly, so a run resumes through two frames fewer when its batch is
         written."""
-        return self._write(
-            self._transition(event, checkpoint, progress=progress, lines=lines, embedded=embedded)
+        transition = self._transition(
+            event, checkpoint, progress=progress, lines=lines, embedded=embedded
         )
+        transition.forget = forget
+        return self._write(transition)
 
     def _transition(
         self,
@@ -475,6 +589,16 @@ class RunReporter:
             self.redact.scrubbed,
         )
 
+
+_WAIT_WORDS = {
+    "rate": "the connection's rate limit",
+    "tenant-rate": "the tenant's rate limit on the connection",
+    "paused": "the API's budget to reset (it said so)",
+    "concurrency": "a free slot of the connection's maxConcurrency",
+    "tenant-concurrency": "a free slot of the tenant's maxConcurrency",
+    "circuit-open": "the circuit breaker of the base URL to cool down",
+    "circuit-probing": "the circuit breaker's probe request",
+}
 
 _MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
 
