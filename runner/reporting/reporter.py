@@ -309,6 +309,9 @@ class RunReporter:
                 f"page:{result.key}",
                 *(f"page:{result.key}:{n}" for n in range(1, result.saved_pages + 1)),
             )
+        if result.items is not None and result.status in ("SUCCESS", "FAILED", "SKIPPED"):
+            # The step's result holds every item's output: their fields are done with.
+            forget += tuple(f"item:{result.key}:{i}" for i in range(result.items.total))
         await self._publish(
             event, checkpoint, progress=progress, lines=(text,), embedded=embedded, forget=forget
         )
