@@ -219,6 +219,9 @@ def _step_plan(
         f"$.actions.{action.id}.paginate",
         f"{where}.paginate",
     )
+    if for_each is not None and paginate is not None:
+        # Items call the attempt loop, not the page loop: each would get its first page only.
+        problems.add(f"{where}.forEach: a paginated Action cannot run per item (yet)")
     if len(problems.messages) > before:
         return None
     return StepPlan(

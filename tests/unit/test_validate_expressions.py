@@ -117,3 +117,14 @@ def test_given_a_path_for_each_when_compiled_then_it_is_a_strict_path() -> None:
     plan = compile_plan(decode_workflow_version(doc(step("a", forEach="{{ input.ids }}"))))
 
     assert isinstance(plan.by_key["a"].for_each, Whole)
+
+
+def test_given_for_each_on_a_paginated_action_when_compiled_then_it_is_refused() -> None:
+    d = doc(step("a", forEach="input.ids"))
+    d["actions"]["act"] = {
+        **ACTIONS["act"],
+        "paginate": {"mode": "page", "pageParam": "page"},
+    }
+
+    with pytest.raises(DefinitionError, match=r"forEach: a paginated Action cannot run per item"):
+        compile_plan(decode_workflow_version(d))
