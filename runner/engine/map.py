@@ -50,8 +50,12 @@ class ItemFailed(Exception):
 class _ItemReporter:
     """What an item's attempts report: their attempts, not a RUNNING event each."""
 
-    def __init__(self, reporter: Reporter) -> None:
+    def __init__(self, reporter: Reporter, total: int) -> None:
         self._reporter = reporter
+        # Flow-control waits are told for the first item that waits, then about every 5% of
+        # the items: under a tight rate limit every item waits.
+        self._wait_every = max(1, total // 20)
+        self._waits = 0
 
     async def step_running(self, key: str, attempt: int, started_ms: int) -> None:
         return None
@@ -62,8 +66,9 @@ class _ItemReporter:
     async def step_waiting(
         self, key: str, attempt: int, started_ms: int, reason: str, wait_ms: int, deferred: bool
     ) -> None:
-        # A wait for flow control is worth an event even inside a map: it explains a stall.
-        await self._reporter.step_waiting(key, attempt, started_ms, reason, wait_ms, deferred)
+        self._waits += 1
+        if self._waits % self._wait_every == 1 % self._wait_every or deferred:
+            await self._reporter.step_waiting(key, attempt, started_ms, reason, wait_ms, deferred)
 
 
 def _items_of(sp: StepPlan, ctx: RunContext, scope: Mapping[str, Any], clock: Clock) -> list[Any]:
@@ -118,7 +123,7 @@ async def run_items(
                 counts.failed += 1
     pending = iter([i for i in range(len(items)) if i not in restored])
     await reporter.map_running(sp.key, result.started_ms or clock.now_ms(), counts)
-    item_reporter = _ItemReporter(reporter)
+    item_reporter = _ItemReporter(reporter, len(items))
     continue_on_error = sp.step.on_item_error == "continue"
 
     async def one(index: int) -> None:
