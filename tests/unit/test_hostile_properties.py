@@ -10,6 +10,8 @@ as one of the contract's errors, or succeeds, and never costs more than linear w
 - A 2xx response of any bytes and any Content-Type becomes an output, or ``ResponseError`` /
   ``SchemaError``: NUL, lone surrogates as JSON escapes, non-UTF-8, ``1e999``, huge integers,
   ``__proto__`` keys, deep nesting.
+- The OAuth2 token response: any body is a token set or ``AuthError``, under the JSON
+  depth limit; a token a header cannot carry is refused.
 - Redaction of any value holding a secret removes it, whatever characters surround it.
 
 Examples per property are bounded (``BOUNDED``); ``HYPOTHESIS_PROFILE=soak`` runs many more.
@@ -30,8 +32,10 @@ from runner import jsonlimits
 from runner.contract import decode_workflow_version
 from runner.engine.plan import compile_plan
 from runner.engine.step import response_output
-from runner.errors import DefinitionError, ResponseError, SchemaError, TemplateError
+from runner.errors import AuthError, DefinitionError, ResponseError, SchemaError, TemplateError
 from runner.http.messages import HttpResponse
+from runner.http.oauth2.grant import _oauth_error, _parse_token_response
+from runner.http.oauth2.tokens import TokenSet
 from runner.looplag import LoopLag
 from runner.redact import REDACTED, Redactor
 from runner.templating import compile_jsonpath, compile_value, render
@@ -223,6 +227,39 @@ def test_any_response_body_is_an_output_or_a_step_error(
     # What the step keeps can be encoded for the status stream and the checkpoint
     assert not jsonlimits.depth_exceeds(output, 2 * jsonlimits.max_depth())
     json.dumps(output, default=str)
+
+
+# --- the OAuth2 token response -------------------------------------------------------------------
+
+BASE_TOKENS = TokenSet(
+    access_token="old", refresh_token="refresh", expires_at_ms=None, obtained_at_ms=0
+)
+
+
+@given(hostile_json_text | st.binary(max_size=200))
+@BOUNDED
+@example(b'{"access_token": "t", "expires_in": 1e999}')
+@example(b'{"access_token": "t", "expires_in": -1e999}')
+@example(b'{"access_token": "t", "expires_in": NaN}')
+@example(b'{"access_token": "t", "expires_in": ' + b"9" * 4000 + b"}")
+@example(b'{"access_token": "t", "expires_in": "99999999999999999999999999999"}')
+@example(b'{"access_token": "t", "expires_in": 1e300}')
+@example(b'{"access_token": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+@example(b"[" * 500_000)
+@example(b'{"access_token": "a", "access_token": "b"}')
+def test_any_token_response_is_a_token_set_or_an_auth_error(body: str | bytes) -> None:
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    try:
+        tokens = _parse_token_response("connection c: token endpoint", raw, BASE_TOKENS, lambda: 0)
+    except AuthError as err:
+        assert str(err).startswith("AUTH_FAILED: connection c: token endpoint")
+    else:
+        assert isinstance(tokens.access_token, str) and tokens.access_token
+        assert tokens.expires_at_ms is None or isinstance(tokens.expires_at_ms, int)
+        # A token set is stored as JSON: what was parsed must encode again
+        json.dumps([tokens.access_token, tokens.refresh_token, tokens.expires_at_ms])
+    # and a refused grant's body reads as an OAuth2 error code or none, never raising
+    assert isinstance(_oauth_error(raw), str)
 
 
 # --- redaction ----------------------------------------------------------------------------------
