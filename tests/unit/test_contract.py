@@ -368,3 +368,21 @@ def test_every_setting_the_contract_and_the_refusals_name_exists() -> None:
     refusals = operations.split("## What the runner refuses by default, and why", 1)[1]
     for text in ((_DOCS / "contract.md").read_text(), refusals.split("\n## ", 1)[0]):
         assert set(re.findall(r"RUNNER_[A-Z0-9_]+", text)) - known == set()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("workflowRunId", "", "expected str of length >= 1"),
+        ("tenantId", "", "expected str of length >= 1"),
+        ("workflowVersionId", "v" * 513, "expected str of length <= 512"),
+    ],
+)
+def test_given_an_empty_or_huge_id_when_decoded_then_it_is_invalid_payload(
+    field: str, value: str, message: str
+) -> None:
+    # An empty run id would make every such job share one checkpoint and one idempotency key.
+    data = {"workflowRunId": "r", "workflowVersionId": "v", "tenantId": "t", "input": {}}
+    with pytest.raises(PayloadError) as info:
+        decode_job_data({**data, field: value})
+    assert str(info.value) == f"INVALID_PAYLOAD: $.{field}: {message}"
