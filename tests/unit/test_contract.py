@@ -4,9 +4,6 @@ No sockets."""
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,7 +18,6 @@ from runner.contract import (
     path_of,
 )
 from runner.errors import CredentialsError, DefinitionError, ErrorCode, PayloadError
-from runner.settings import Settings
 
 JOB: dict[str, Any] = {
     "workflowRunId": "run_8f2c",
@@ -318,71 +314,3 @@ def test_given_a_path_without_a_mapping_key_then_it_is_left_as_it_is() -> None:
     assert _located("$.input: expected object, got int", {"input": 1}, dict) == (
         "$.input: expected object, got int"
     )
-
-
-# --- the documents name every code and limit --------------------------------------------------
-
-_DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-
-def test_the_contract_names_every_error_code() -> None:
-    contract = (_DOCS / "contract.md").read_text()
-    missing = [code.value for code in ErrorCode if f"`{code.value}`" not in contract]
-    assert missing == []
-
-
-@pytest.mark.parametrize(
-    ("setting", "default"),
-    [
-        ("RUNNER_MAX_JSON_DEPTH", "128"),
-        ("RUNNER_MAX_RESPONSE_BYTES", "10 MiB"),
-        ("RUNNER_MAX_JOB_BYTES", "1 MiB"),
-        ("RUNNER_EGRESS_ALLOW", "none"),
-        ("RUNNER_FOLLOW_REDIRECTS", "off"),
-        ("RUNNER_MAX_REDIRECTS", "5"),
-    ],
-)
-def test_operations_lists_each_refusal_with_its_setting_and_true_default(
-    setting: str, default: str
-) -> None:
-    # Given the section that says what the runner refuses by default
-    operations = (_DOCS / "operations.md").read_text()
-    section = operations.split("## What the runner refuses by default, and why", 1)[1]
-    section = section.split("\n## ", 1)[0]
-    # Then the setting is there with its default, and the default is the settings' own
-    row = next(line for line in section.splitlines() if f"`{setting}` ({default}" in line)
-    assert row
-    field = next(f for f in fields(Settings) if f.metadata["env"] == setting)
-    value = {
-        "10 MiB": 10 * 1024 * 1024,
-        "1 MiB": 1024 * 1024,
-        "none": "",
-        "off": False,
-    }.get(default, default)
-    assert str(field.default) == str(value)
-
-
-def test_every_setting_the_contract_and_the_refusals_name_exists() -> None:
-    known = {f.metadata["env"] for f in fields(Settings)}
-    operations = (_DOCS / "operations.md").read_text()
-    refusals = operations.split("## What the runner refuses by default, and why", 1)[1]
-    for text in ((_DOCS / "contract.md").read_text(), refusals.split("\n## ", 1)[0]):
-        assert set(re.findall(r"RUNNER_[A-Z0-9_]+", text)) - known == set()
-
-
-@pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        ("workflowRunId", "", "expected str of length >= 1"),
-        ("tenantId", "", "expected str of length >= 1"),
-        ("workflowVersionId", "v" * 513, "expected str of length <= 512"),
-    ],
-)
-def test_given_an_empty_or_huge_id_when_decoded_then_it_is_invalid_payload(
-    field: str, value: str, message: str
-) -> None:
-    # An empty run id would make every such job share one checkpoint and one idempotency key.
-    data = {"workflowRunId": "r", "workflowVersionId": "v", "tenantId": "t", "input": {}}
-    with pytest.raises(PayloadError) as info:
-        decode_job_data({**data, field: value})
-    assert str(info.value) == f"INVALID_PAYLOAD: $.{field}: {message}"
