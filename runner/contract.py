@@ -199,10 +199,15 @@ class WorkflowVersion(Wire, frozen=True):
 # --- section 2: job data -------------------------------------------------------------------
 
 
+# An id the runner puts into Redis keys, idempotency keys and events: an empty one would make
+# every such job share one checkpoint (``run:`` ) and one idempotency key; a huge one every key.
+RunnerId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
 class JobData(Wire, frozen=True):
-    workflow_run_id: str
-    workflow_version_id: str
-    tenant_id: str
+    workflow_run_id: RunnerId
+    workflow_version_id: RunnerId
+    tenant_id: RunnerId
     input: dict[str, Any]
     # Kept undecoded so that a definition that does not decode is DEFINITION_INVALID, not a
     # payload error.

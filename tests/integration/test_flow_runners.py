@@ -174,10 +174,11 @@ async def test_429s_without_headers_back_the_shared_budget_off(
     # When 30 runs go
     await run_all(redis, clean_queue, version, 30, timeout_s=90)
 
-    # Then all succeed, and the shared budget was backed off (its factor is below 1)
+    # Then all succeed, and the shared budget was backed off: the scope records when it was
+    # last cut (its factor itself may have recovered by now, as successes give it back)
     assert await redis.zcard(f"bull:{clean_queue}:completed") == 30
-    factor = await redis.hget(f"bull:{clean_queue}:flow:c", "factor")
-    assert factor is not None and float(factor) < 1.0
+    cut = await redis.hget(f"bull:{clean_queue}:flow:c", "cut")
+    assert cut is not None and int(float(cut)) > 0
 
 
 async def test_an_api_that_is_down_is_probed_not_hammered_and_runs_recover(
