@@ -194,8 +194,11 @@ async def test_job_data_that_is_not_json_fails_its_job_and_the_next_job_runs(
 ESCAPES = [
     (
         {"body": {"cmd": "{{ __import__('os') }}"}},
-        "$.graph.steps[0].input.body.cmd: '{{ __import__('os') }}' must start with one of "
-        "env, input, run, secrets, steps",
+        "$.graph.steps[0].input.body.cmd: cannot parse '{{ __import__('os') }}': unknown "
+        "function __import__() (known: abs, avg, ceil, concat, contains, default, ends_with, "
+        "floor, format, format_date, join, keys, length, lower, map, max, max_by, merge, min, "
+        "min_by, not_null, now, replace, reverse, sort, sort_by, split, starts_with, sum, "
+        "to_array, to_number, to_string, trim, type, upper, values)",
     ),
     (
         {"query": {"q": "{{ steps['x'] }}"}},
