@@ -119,6 +119,9 @@ def test_the_status_sink_sends_the_commands_hiredis_would_pack(batch: list[Trans
             expected.append((b"HSET", keys.run(t.run_id), *fields))
             if t.renew:
                 expected.append((b"EXPIRE", keys.run(t.run_id), sink.retention_s))
+        elif t.checkpoint:
+            fields = [part for item in t.checkpoint.items() for part in item]
+            expected.append((b"HSET", keys.run(t.run_id), *fields))
         job_key = keys.job(t.job_id)
         if t.progress is not None:
             expected.append(
