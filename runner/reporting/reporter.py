@@ -190,18 +190,13 @@ class RunReporter:
         self, key: str, attempt: int, started_ms: int, reason: str, wait_ms: int, deferred: bool
     ) -> None:
         now = self.now_ms()
-        event = StepWaitEvent(
-            seq=self._next(),
-            workflow_run_id=self.run_id,
-            tenant_id=self.tenant_id,
-            workflow_version_id=self.version_id,
-            job_id=self.job_id,
-            step_key=key,
-            step_run_id=f"{self.run_id}:{key}",
-            status="RUNNING",
-            attempt=attempt,
-            at=now,
-            started_at=started_ms,
+        event = self._step_event(
+            key,
+            "RUNNING",
+            attempt,
+            started_ms=started_ms,
+            at_ms=now,
+            kind=StepWaitEvent,
             wait_reason=reason,
             wait_until=now + wait_ms,
             deferred=deferred,
@@ -459,27 +454,15 @@ class RunReporter:
         output: Any = None,
         error: RunnerError | None = None,
         items: ItemCounts | None = None,
+        at_ms: int | None = None,
+        kind: type[StepEvent] = StepEvent,
+        **extra: Any,
     ) -> StepEvent:
+        """A step event; a map step's carries its item counts (``MapStepEvent``), a waiting
+        step's is a ``StepWaitEvent`` (``kind`` and its fields in ``extra``)."""
         if items is not None:
-            return MapStepEvent(
-                seq=self._next(),
-                workflow_run_id=self.run_id,
-                tenant_id=self.tenant_id,
-                workflow_version_id=self.version_id,
-                job_id=self.job_id,
-                step_key=key,
-                step_run_id=f"{self.run_id}:{key}",
-                status=status,
-                attempt=attempt,
-                at=self.now_ms(),
-                started_at=started_ms,
-                finished_at=finished_ms,
-                output=output,
-                error_code=str(error.code) if error else None,
-                error_message=error.message if error else None,
-                items=items.as_wire(),
-            )
-        return StepEvent(
+            kind, extra = MapStepEvent, {**extra, "items": items.as_wire()}
+        return kind(
             seq=self._next(),
             workflow_run_id=self.run_id,
             tenant_id=self.tenant_id,
@@ -489,12 +472,13 @@ class RunReporter:
             step_run_id=f"{self.run_id}:{key}",
             status=status,
             attempt=attempt,
-            at=self.now_ms(),
+            at=at_ms if at_ms is not None else self.now_ms(),
             started_at=started_ms,
             finished_at=finished_ms,
             output=output,
             error_code=str(error.code) if error else None,
             error_message=error.message if error else None,
+            **extra,
         )
 
     def _publish(
